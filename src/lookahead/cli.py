@@ -1,0 +1,73 @@
+"""Command line: `lookahead generate` (more subcommands join as they are built)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEMO_PROMPT = ("Rewrite this list as a markdown table with columns Name, Role and City:\n"
+               "- Alice Martin, data engineer, Lyon\n- Bruno Costa, product manager, Porto\n"
+               "- Chen Wei, research scientist, Shenzhen\n- Dana Novak, site reliability engineer, Prague\n"
+               "- Emeka Obi, designer, Lagos\n- Fatima Zahra, backend developer, Casablanca")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import lookahead
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth)) if v is not None}
+    engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
+                            draft_config=lookahead.DraftConfig(**sizes))
+    prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
+    if not args.raw and getattr(engine.tokenizer, "chat_template", None):
+        prompt = [{"role": "user", "content": prompt}]
+    runs = [False, True] if args.compare else [not args.no_draft]
+    outputs = []
+    for draft in runs:
+        stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, draft=draft)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        label = "lookahead" if draft else "no draft "
+        print(f"[{label}] {stream.output.stats.summary()}", file=sys.stderr)
+        outputs.append(stream.output)
+    if args.compare:
+        plain, fast = outputs
+        same = "identical" if plain.token_ids == fast.token_ids else "DIFFERENT"
+        print(f"[compare] speedup {fast.stats.tokens_per_s / max(plain.stats.tokens_per_s, 1e-9):.2f}x, "
+              f"outputs {same}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted LLM generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("prompt", nargs="?", help="prompt text (default: a demo table-rewriting prompt)")
+    gen.add_argument("--model", default=None, help="named model, .gguf file or HF directory")
+    gen.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (exact reference)")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--no-draft", action="store_true", help="plain decoding, for comparison")
+    gen.add_argument("--compare", action="store_true", help="run without and with drafts, report the speedup")
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
+    gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"lookahead: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Verification side: one forward over a draft tree, acceptance, KV-cache compaction."""

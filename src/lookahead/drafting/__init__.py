@@ -1,0 +1,1 @@
+"""Draft sources. A drafter never touches the model; it only proposes DraftTrees."""

@@ -1,0 +1,302 @@
+"""TokenTrie: the Lookahead cache of token n-grams, frequency-ranked and bounded.
+
+Every window of `window` tokens that passes through a scope is counted along one trie path,
+so a node's count is the number of times its n-gram occurred. Two scopes:
+
+- the *shared* scope (one per TokenTrie) learns from every accepted output and persists
+  across requests; a node cap keeps it bounded (counts are halved and rare n-grams dropped);
+- the *request* scope (one per TrieSession) holds the prompt and this request's output and is
+  dropped with the session, so nothing of one prompt leaks into the next request.
+
+Retrieval matches the longest suffix of the context (up to `max_match` tokens) in each scope
+and grows one tree best-first by estimated path probability (product of count ratios, the
+two scopes mixed), up to a node and a depth budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..tree import DraftTree
+
+FILE_FORMAT = "lookahead-trie"
+FILE_VERSION = "1"
+
+
+class TrieFileError(ValueError):
+    """A trie file that is not ours, is corrupted, or does not fit this trie."""
+
+
+class _Node:
+    __slots__ = ("count", "total", "children")
+
+    def __init__(self) -> None:
+        self.count = 0  # occurrences of the n-gram ending here
+        self.total = 0  # sum of the children's counts: the denominator of their probabilities
+        self.children: dict[int, _Node] = {}
+
+
+class _Scope:
+    """One trie plus its node count; `epoch` changes whenever nodes are removed."""
+
+    def __init__(self) -> None:
+        self.root = _Node()
+        self.size = 0
+        self.epoch = 0
+
+    def match(self, context: list[int], max_match: int) -> _Node | None:
+        """Deepest node reached by the longest context suffix (<= max_match) that has continuations."""
+        for m in range(min(max_match, len(context)), 0, -1):
+            node = self.root
+            for token in context[-m:]:
+                node = node.children.get(token)
+                if node is None:
+                    break
+            if node is not None and node.total:
+                return node
+        return None
+
+
+class _Feeder:
+    """Counts every window of a token stream into a scope, one token at a time.
+
+    Open cursors hold the end node of each window still growing, so a stream can be fed
+    in pieces (prompt, then each step's accepted tokens) without counting anything twice.
+    """
+
+    def __init__(self, scope: _Scope, window: int) -> None:
+        self.scope, self.window = scope, window
+        self.cursors: list[tuple[_Node, int]] = []
+        self.epoch = scope.epoch
+
+    def feed(self, tokens: list[int]) -> None:
+        scope = self.scope
+        if self.epoch != scope.epoch:  # nodes were evicted: open cursors may be detached
+            self.cursors, self.epoch = [], scope.epoch
+        for token in tokens:
+            grown = []
+            for node, depth in [*self.cursors, (scope.root, 0)]:
+                child = node.children.get(token)
+                if child is None:
+                    child = node.children[token] = _Node()
+                    scope.size += 1
+                child.count += 1
+                node.total += 1
+                if depth + 1 < self.window:
+                    grown.append((child, depth + 1))
+            self.cursors = grown
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Draft tree size: draft nodes (root excluded) and branch depth."""
+    nodes: int
+    depth: int
+
+
+class TokenTrie:
+    """The shared scope and its settings; `session(prompt)` opens a request."""
+
+    def __init__(self, max_match: int = 4, window: int = 16, capacity: int = 200_000,
+                 prompt_weight: float = 0.5) -> None:
+        if not 1 <= max_match < window:
+            raise ValueError("need 1 <= max_match < window")
+        if capacity < 1:
+            raise ValueError("capacity must be positive")
+        if not 0.0 <= prompt_weight <= 1.0:
+            raise ValueError("prompt_weight must be in [0, 1]")
+        self.max_match, self.window, self.capacity = max_match, window, capacity
+        self.prompt_weight = prompt_weight
+        self.shared = _Scope()
+        self.lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return self.shared.size
+
+    def session(self, prompt: list[int]) -> TrieSession:
+        return TrieSession(self, prompt)
+
+    def insert(self, tokens: list[int]) -> None:
+        """Count a whole sequence into the shared scope (warm-up from a corpus)."""
+        with self.lock:
+            _Feeder(self.shared, self.window).feed(list(tokens))
+            self._bound()
+
+    def _bound(self) -> None:
+        """Keep the shared scope under `capacity`: halve all counts, drop what falls to zero."""
+        scope = self.shared
+        while scope.size > self.capacity:
+            scope.size = _decay(scope.root)
+            scope.epoch += 1
+
+    # -- persistence: safetensors arrays + metadata, never pickle -------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        with self.lock:
+            parents, tokens, counts = _flatten(self.shared.root)
+        arrays = {"parents": torch.tensor(parents, dtype=torch.int64),
+                  "tokens": torch.tensor(tokens, dtype=torch.int64),
+                  "counts": torch.tensor(counts, dtype=torch.int64)}
+        meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "sha256": _digest(arrays),
+                "settings": json.dumps({"max_match": self.max_match, "window": self.window})}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(arrays, tmp, metadata=meta)
+            os.replace(tmp, path)  # atomic: a crash mid-save leaves the old file intact
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, capacity: int = 200_000, prompt_weight: float = 0.5) -> TokenTrie:
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            arrays = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise TrieFileError(f"{path}: not a readable trie file ({e})") from e
+        if meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
+            raise TrieFileError(f"{path}: not a lookahead trie file (format {meta.get('format')!r}, "
+                                f"version {meta.get('version')!r})")
+        if set(arrays) != {"parents", "tokens", "counts"} or meta.get("sha256") != _digest(arrays):
+            raise TrieFileError(f"{path}: trie file is corrupted (checksum mismatch)")
+        settings = json.loads(meta["settings"])
+        trie = cls(max_match=settings["max_match"], window=settings["window"], capacity=capacity,
+                   prompt_weight=prompt_weight)
+        trie.shared.size = _unflatten(trie.shared.root, arrays, path)
+        trie._bound()
+        return trie
+
+
+class TrieSession:
+    """One request's drafter: its own prompt scope plus the shared scope of its TokenTrie."""
+
+    def __init__(self, trie: TokenTrie, prompt: list[int]) -> None:
+        self.trie = trie
+        self.request = _Scope()
+        self._request_feed = _Feeder(self.request, trie.window)
+        self._request_feed.feed(list(prompt))
+        self._shared_feed = _Feeder(trie.shared, trie.window)
+        with trie.lock:
+            # Lead-in so the shared scope learns how outputs start after a prompt's last tokens.
+            self._shared_feed.feed(list(prompt[-trie.max_match:]))
+
+    def observe(self, tokens: list[int]) -> None:
+        """Accepted tokens: counted into this request's scope and the shared scope."""
+        self._request_feed.feed(tokens)
+        with self.trie.lock:
+            self._shared_feed.feed(tokens)
+            self.trie._bound()
+
+    def propose(self, context: list[int], budget: Budget) -> DraftTree:
+        """Best-first draft tree rooted at context[-1]."""
+        trie = self.trie
+        tokens, parents = [context[-1]], [-1]
+        if budget.nodes <= 0 or budget.depth <= 0:
+            return DraftTree(tokens, parents)
+        with trie.lock:
+            start = (self.request.match(context, trie.max_match), trie.shared.match(context, trie.max_match))
+            frontier: list = []
+            tick = itertools.count()  # tie-break: earlier-pushed first, never compare nodes
+            _push_children(frontier, tick, 0, 1.0, start, trie.prompt_weight, budget.nodes)
+            depth = [0]
+            while frontier and len(tokens) <= budget.nodes:
+                neg_score, _, parent, token, nodes = heapq.heappop(frontier)
+                tokens.append(token)
+                parents.append(parent)
+                depth.append(depth[parent] + 1)
+                if depth[-1] < budget.depth:
+                    _push_children(frontier, tick, len(tokens) - 1, -neg_score, nodes, trie.prompt_weight,
+                                   budget.nodes + 1 - len(tokens))
+        return DraftTree(tokens, parents)
+
+
+def _push_children(frontier: list, tick, parent: int, score: float, nodes: tuple, prompt_weight: float,
+                   limit: int) -> None:
+    """Push the `limit` most probable continuations of one tree node, the two scopes mixed."""
+    if limit <= 0:
+        return
+    request, shared = nodes
+    live = [(n, w) for n, w in ((request, prompt_weight), (shared, 1.0 - prompt_weight)) if n is not None and n.total]
+    if not live:
+        return
+    weight_sum = sum(w for _, w in live) or 1.0
+    probs: dict[int, float] = {}
+    for node, w in live:
+        top = heapq.nlargest(limit, node.children.items(), key=lambda kv: kv[1].count)
+        for token, child in top:
+            probs[token] = probs.get(token, 0.0) + (w / weight_sum) * child.count / node.total
+    for token, p in heapq.nlargest(limit, probs.items(), key=lambda kv: kv[1]):
+        child_nodes = (request.children.get(token) if request else None, shared.children.get(token) if shared else None)
+        heapq.heappush(frontier, (-score * p, next(tick), parent, token, child_nodes))
+
+
+def _decay(root: _Node) -> int:
+    """Halve every count, drop nodes that fall to zero; returns the remaining node count."""
+    size = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        node.total = 0
+        kept = {}
+        for token, child in node.children.items():
+            child.count //= 2
+            if child.count:
+                kept[token] = child
+                node.total += child.count
+        node.children = kept
+        size += len(kept)
+        stack.extend(kept.values())
+    return size
+
+
+def _flatten(root: _Node) -> tuple[list[int], list[int], list[int]]:
+    """Breadth-first arrays: parent index (-1 = root), token, count; parents precede children."""
+    parents, tokens, counts = [], [], []
+    queue = [(-1, root)]
+    for index, (_, node) in enumerate(queue):
+        for token, child in node.children.items():
+            parents.append(index - 1)
+            tokens.append(token)
+            counts.append(child.count)
+            queue.append((index, child))
+    return parents, tokens, counts
+
+
+def _unflatten(root: _Node, arrays: dict[str, torch.Tensor], path) -> int:
+    parents, tokens, counts = (arrays[k].tolist() for k in ("parents", "tokens", "counts"))
+    if not len(parents) == len(tokens) == len(counts):
+        raise TrieFileError(f"{path}: trie arrays differ in length")
+    nodes: list[_Node] = []
+    for i, (p, t, c) in enumerate(zip(parents, tokens, counts, strict=True)):
+        if not -1 <= p < i or c <= 0 or t < 0:
+            raise TrieFileError(f"{path}: trie file is inconsistent at node {i}")
+        parent = root if p < 0 else nodes[p]
+        child = _Node()
+        child.count = c
+        parent.children[t] = child
+        parent.total += c
+        nodes.append(child)
+    return len(nodes)
+
+
+def _digest(arrays: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(arrays[key].contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,78 @@
+"""Engine API: prompts of every form, stats, streaming, clear errors for bad input."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import IdTokenizer, hf_greedy, tiny_model
+from lookahead import DraftConfig, Engine
+
+PROMPT = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+
+
+@pytest.fixture
+def engine():
+    return Engine(tiny_model("llama"), IdTokenizer())
+
+
+def test_stats_describe_the_run(engine):
+    out = engine.generate(PROMPT, max_new_tokens=20)
+    s = out.stats
+    assert s.prompt_tokens == len(PROMPT) and s.new_tokens == len(out.token_ids) == 20
+    assert sum(s.accepted) == s.new_tokens and len(s.accepted) == s.steps
+    assert s.mean_accepted == pytest.approx(s.new_tokens / s.steps)
+    assert s.total_s >= s.draft_s + s.forward_s > 0 and 0 <= s.draft_share < 1
+    assert "accepted tokens/step" in s.summary()
+
+
+def test_draft_false_is_plain_decoding(engine):
+    out = engine.generate(PROMPT, max_new_tokens=10, draft=False)
+    assert out.stats.steps == 10 and out.stats.draft_tokens == 0
+    assert out.token_ids == hf_greedy(engine.model, PROMPT, 10)
+
+
+def test_stream_yields_the_same_text_as_generate(engine):
+    stream = engine.stream(PROMPT, max_new_tokens=16)
+    pieces = list(stream)
+    assert len(pieces) > 1
+    assert "".join(pieces) == stream.output.text == engine.generate(PROMPT, max_new_tokens=16).text
+
+
+def test_draft_budget_is_respected():
+    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(max_nodes=3, max_depth=2))
+    engine.generate(PROMPT, max_new_tokens=30)
+    out = engine.generate(PROMPT, max_new_tokens=30)
+    assert max(out.stats.accepted) <= 3  # depth 2 + bonus token
+    assert out.stats.draft_tokens <= 3 * out.stats.steps
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    ([{"role": "user"}], "prompt must be"),
+    (3.5, "prompt must be"),
+])
+def test_bad_prompts_get_clear_errors(engine, bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.generate(bad)
+
+
+def test_chat_messages_need_a_chat_template(engine):
+    with pytest.raises(ValueError, match="chat template"):
+        engine.generate([{"role": "user", "content": "hi"}])
+
+
+def test_bad_limits_get_clear_errors(engine):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate(PROMPT, max_new_tokens=0)
+    with pytest.raises(ValueError, match="context window"):
+        engine.generate(list(range(5)) * 200)
+    with pytest.raises(ValueError, match="max_depth"):
+        DraftConfig(max_depth=0)
+
+
+def test_generation_near_the_context_window_never_exceeds_it():
+    model = tiny_model("gpt2")  # absolute positions: an index past the window would crash
+    engine = Engine(model, IdTokenizer())
+    prompt = list(range(2, 50)) * 10 + [2, 3]  # 482 tokens of a 512-token window
+    engine.generate(prompt, max_new_tokens=20)
+    out = engine.generate(prompt, max_new_tokens=100)
+    assert len(prompt) + len(out.token_ids) <= 512
