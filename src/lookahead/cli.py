@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .server.cli import add_parser as add_server_commands
+
 DEMO_PROMPT = ("Rewrite this list as a markdown table with columns Name, Role and City:\n"
                "- Alice Martin, data engineer, Lyon\n- Bruno Costa, product manager, Porto\n"
                "- Chen Wei, research scientist, Shenzhen\n- Dana Novak, site reliability engineer, Prague\n"
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     gen.set_defaults(func=_generate)
+    add_server_commands(sub)  # serve, warm
     return parser
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.loop import TreeVerifier, decode
+from .decoding.sampling import SamplingParams
+from .decoding.verify import accept_greedy
 from .drafting.trie import Budget, TokenTrie
 from .models import load_model
 
@@ -104,17 +106,26 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
-                 draft: bool = True) -> GenerationOutput:
-        """Greedy generation, token-identical to model.generate(do_sample=False) (fp32)."""
-        run = _Run(self, prompt, max_new_tokens, stop, draft)
+                 draft: bool = True, sampling: SamplingParams | None = None, **params) -> GenerationOutput:
+        """Generate up to `max_new_tokens`; greedy by default, token-identical to model.generate() (fp32).
+
+        Sampling and processors take transformers' GenerationConfig names and meanings: `do_sample`,
+        `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`,
+        `bad_words_ids`, `min_new_tokens`, plus OpenAI's `presence_penalty`/`frequency_penalty` and a
+        per-request `seed` (see SamplingParams). They override the fields of `sampling` if both are given.
+        Drafting never changes the output distribution.
+        """
+        run = _Run(self, prompt, max_new_tokens, stop, draft, SamplingParams.of(sampling, **params))
         for _ in run:
             pass
         return run.output()
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
-               draft: bool = True) -> TextStream:
-        """Text pieces as tokens are accepted; `.output` holds the full result once iterated."""
-        return TextStream(_Run(self, prompt, max_new_tokens, stop, draft))
+               draft: bool = True, sampling: SamplingParams | None = None, **params) -> TextStream:
+        """Text pieces as tokens are accepted; `.output` holds the full result once iterated.
+
+        Takes the same sampling parameters as `generate`."""
+        return TextStream(_Run(self, prompt, max_new_tokens, stop, draft, SamplingParams.of(sampling, **params)))
 
 
 class TextStream:
@@ -140,7 +151,8 @@ class TextStream:
 class _Run:
     """One request: iterating it runs decode steps; stops at eos, a stop string or the token limit."""
 
-    def __init__(self, engine: Engine, prompt: Prompt, max_new_tokens: int, stop, draft: bool) -> None:
+    def __init__(self, engine: Engine, prompt: Prompt, max_new_tokens: int, stop, draft: bool,
+                 sampling: SamplingParams) -> None:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         self.engine = engine
@@ -153,6 +165,9 @@ class _Run:
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.max_new_tokens = max_new_tokens
         self.draft = draft
+        # Built now, so that a bad setting fails at the call, not at the first token.
+        self.accept = accept_greedy if sampling.plain_greedy else \
+            sampling.sampler(engine.model, len(self.prompt), engine.eos_ids).accept
         self.ids: list[int] = []
         self.finish_reason = "length"
         self.stop_at: int | None = None  # character offset of a matched stop string
@@ -164,7 +179,7 @@ class _Run:
         session = engine.trie.session(self.prompt) if self.draft else None
         cfg = engine.draft_config
         steps = decode(TreeVerifier(engine.model), self.prompt, session, Budget(cfg.max_nodes, cfg.max_depth),
-                       self.max_new_tokens, engine.max_positions)
+                       self.max_new_tokens, engine.max_positions, self.accept)
         first = True
         for step in steps:
             if first:  # the first step's forward also covers the prefill

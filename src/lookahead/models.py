@@ -44,13 +44,17 @@ def locate(source: str | os.PathLike | None) -> tuple[Path, str | None]:
 def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
                device: str | None = None):
     """Return (model, tokenizer), both plain transformers objects, the model in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     directory, gguf = locate(source)
     kwargs = {"local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    if gguf:
+        # Dense weights in the asked dtype: packed GGUF kernels come from the hub (unreachable) and
+        # would compute in fp32 anyway.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     # sdpa honours additive 4D masks (FlashAttention would not).
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype), attn_implementation="sdpa",
                                                  **kwargs)

@@ -17,7 +17,7 @@ from ..tree import DraftTree
 from .kv import check_cache, compact, new_cache
 from .masks import tree_masks
 from .support import check_supported, layer_types, sliding_window
-from .verify import accept_greedy
+from .verify import AcceptRule, accept_greedy
 
 
 class Drafter(Protocol):
@@ -70,8 +70,13 @@ class TreeVerifier:
 
 
 def decode(verifier: TreeVerifier, prompt: list[int], drafter: Drafter | None, budget,
-           max_new_tokens: int, max_positions: int | None = None) -> Iterator[Step]:
-    """Yield one Step per forward until `max_new_tokens` are emitted (the caller may stop earlier)."""
+           max_new_tokens: int, max_positions: int | None = None, accept: AcceptRule = accept_greedy
+           ) -> Iterator[Step]:
+    """Yield one Step per forward until `max_new_tokens` are emitted (the caller may stop earlier).
+
+    `accept` picks the accepted path and the bonus token (greedy argmax, or a `Sampler`'s
+    exact per-node choice after the logits processors).
+    """
     verifier.prefill(prompt[:-1])
     context = list(prompt)
     emitted = 0
@@ -89,7 +94,7 @@ def decode(verifier: TreeVerifier, prompt: list[int], drafter: Drafter | None, b
             tree = drafter.propose(context, type(budget)(budget.nodes, min(budget.depth, room)))
         t1 = time.perf_counter()
         logits = verifier.verify(tree)
-        nodes, tokens = accept_greedy(tree, logits)
+        nodes, tokens = accept(tree, logits, context)
         verifier.commit(nodes)
         t2 = time.perf_counter()
         context.extend(tokens)

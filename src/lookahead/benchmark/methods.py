@@ -1,0 +1,205 @@
+"""The methods compared, each run on one prompt (token ids) and timed the same way.
+
+- baseline: transformers `model.generate()` (greedy, or sampling with the same settings)
+- pld / pld-nN: transformers prompt lookup, `prompt_lookup_num_tokens=10`, `max_matching_ngram_size=N`
+- assisted: transformers assisted generation with a small draft model of the same tokenizer
+- lookahead: this engine with a *cold* trie; lookahead-warm: the trie warmed from the train split
+- lookahead[-warm]-nA-dB-mC: the same with DraftConfig(max_nodes=A, max_depth=B, max_match=C), for tuning
+
+Every call is timed from outside (wall clock, prefill included). Forward hooks on the target
+(and draft) model count and time their forward calls, which tells where the time goes
+without touching any method's code.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import DraftConfig, Engine
+from ..drafting.trie import TokenTrie
+from .stats import BASELINE, Record
+
+PLD_TOKENS = 10
+DEFAULT_PLD_NGRAM = 3
+_LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?$")
+_PLD = re.compile(r"^pld(?:-n(?P<n>\d+))?$")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str                       # baseline | pld | assisted | lookahead
+    warm: bool = False
+    ngram: int | None = None        # pld
+    draft_config: DraftConfig | None = None  # lookahead; None = the engine's
+
+
+def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
+    """A method name as given on the command line -> MethodSpec (ValueError if unknown)."""
+    name = name.strip()
+    if name == BASELINE:
+        return MethodSpec(name, "baseline")
+    if name == "assisted":
+        return MethodSpec(name, "assisted")
+    if m := _PLD.match(name):
+        return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
+    if m := _LOOKAHEAD.match(name):
+        cfg = None
+        if m["n"]:
+            base = base or DraftConfig()
+            cfg = DraftConfig(max_nodes=int(m["n"]), max_depth=int(m["d"]),
+                              max_match=int(m["m"]) if m["m"] else base.max_match,
+                              capacity=base.capacity, prompt_weight=base.prompt_weight)
+        return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
+    raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, lookahead, lookahead-warm, "
+                     "or lookahead[-warm]-nNODES-dDEPTH[-mMATCH]")
+
+
+class ForwardMeter:
+    """Counts and times a module's forward calls (hooks; removed on exit)."""
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.module = module
+        self.calls = 0
+        self.seconds = 0.0
+        self.first_s: float | None = None
+        self._t0 = 0.0
+        self._handles: list = []
+
+    def __enter__(self) -> ForwardMeter:
+        if self.module is not None:
+            self._handles = [self.module.register_forward_pre_hook(self._pre),
+                             self.module.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre(self, module, args) -> None:
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        dt = time.perf_counter() - self._t0
+        self.calls += 1
+        self.seconds += dt
+        if self.first_s is None:
+            self.first_s = dt
+
+
+@dataclass
+class Context:
+    """What the methods share for one run: one engine (its model serves every method), the draft
+    model for `assisted`, the tries, and the generation settings."""
+    engine: Engine
+    max_new_tokens: int
+    sampling: dict | None = None           # {"do_sample": True, "temperature": .., "top_p": .., "top_k": ..}
+    seed: int = 0
+    assistant: torch.nn.Module | None = None
+    warm_corpus: list[list[int]] = field(default_factory=list)
+    trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
+    _tries: dict = field(default_factory=dict)
+    _engines: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
+    def eos_ids(self) -> list[int]:
+        return sorted(self.engine.eos_ids)
+
+    # -- tries -----------------------------------------------------------------------------
+    def engine_for(self, spec: MethodSpec) -> Engine:
+        cfg = spec.draft_config or self.engine.draft_config
+        if cfg not in self._engines:
+            self._engines[cfg] = self.engine if cfg == self.engine.draft_config else Engine(
+                self.engine.model, self.engine.tokenizer, cfg)
+        return self._engines[cfg]
+
+    def trie_for(self, spec: MethodSpec, cfg: DraftConfig) -> TokenTrie:
+        """A fresh cold or warm trie per prompt, or one per method kept for the run."""
+        key = spec.name
+        if self.trie_scope == "run" and key in self._tries:
+            return self._tries[key]
+        trie = cfg.new_trie()
+        if spec.warm:
+            for seq in self.warm_corpus:
+                trie.insert(seq)
+        if self.trie_scope == "run":
+            self._tries[key] = trie
+        return trie
+
+
+def _generation_config(ctx: Context, **extra):
+    from transformers import GenerationConfig
+
+    eos = ctx.eos_ids()
+    kwargs = dict(max_new_tokens=ctx.max_new_tokens, eos_token_id=eos or None,
+                  pad_token_id=eos[0] if eos else 0, do_sample=False)
+    if ctx.sampling:
+        kwargs.update(ctx.sampling)
+    else:  # explicit greedy: no sampling knob may leak in from the model's own generation_config
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs.update(extra)
+    return GenerationConfig(**kwargs)
+
+
+def _run_hf(ctx: Context, spec: MethodSpec, ids: list[int], **extra) -> Record:
+    model = ctx.model
+    x = torch.tensor([ids], device=model.device)
+    config = _generation_config(ctx, **extra)
+    if ctx.sampling:
+        torch.manual_seed(ctx.seed)
+    with ForwardMeter(model) as target, ForwardMeter(extra.get("assistant_model")) as draft:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+            wall = time.perf_counter() - t0
+    tokens = out[0, len(ids):].tolist()  # one sequence: never padded
+    return Record(prompt_id="", category="", method=spec.name, prompt_tokens=len(ids), token_ids=tokens,
+                  wall_s=wall, prefill_s=target.first_s if spec.kind == "baseline" else None,
+                  forward_s=target.seconds, forward_calls=target.calls,
+                  draft_s=draft.seconds if spec.kind == "assisted" else None)
+
+
+def run_baseline(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    return _run_hf(ctx, spec, ids)
+
+
+def run_pld(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    return _run_hf(ctx, spec, ids, prompt_lookup_num_tokens=PLD_TOKENS, max_matching_ngram_size=spec.ngram)
+
+
+def run_assisted(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    if ctx.assistant is None:
+        raise ValueError("method 'assisted' needs a draft model (--assistant)")
+    return _run_hf(ctx, spec, ids, assistant_model=ctx.assistant)
+
+
+def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    engine = ctx.engine_for(spec)
+    engine.trie = ctx.trie_for(spec, engine.draft_config)
+    kwargs = dict(ctx.sampling or {})
+    if ctx.sampling:
+        kwargs["seed"] = ctx.seed
+    with ForwardMeter(engine.model) as target:
+        t0 = time.perf_counter()
+        out = engine.generate(list(ids), max_new_tokens=ctx.max_new_tokens, **kwargs)
+        wall = time.perf_counter() - t0
+    s = out.stats
+    return Record(prompt_id="", category="", method=spec.name, prompt_tokens=len(ids), token_ids=list(out.token_ids),
+                  wall_s=wall, prefill_s=s.prefill_s, forward_s=target.seconds, forward_calls=target.calls,
+                  draft_s=s.draft_s, step_s=s.draft_s + s.forward_s, accepted=list(s.accepted))
+
+
+RUNNERS: dict[str, Callable[[Context, MethodSpec, list[int]], Record]] = {
+    "baseline": run_baseline, "pld": run_pld, "assisted": run_assisted, "lookahead": run_lookahead}
+
+
+def run_method(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    return RUNNERS[spec.kind](ctx, spec, ids)

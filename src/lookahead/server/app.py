@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, models, health, metrics.
+
+Handlers validate and tokenize a request, build the engine's own `_Run` for it (limits, stop
+strings, accept rule), and hand it to the `Scheduler`'s decode thread; tokens come back as
+events on an asyncio queue and leave as one JSON body or as server-sent events.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..drafting.trie import TokenTrie, TrieFileError
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .scheduler import DraftPolicy, Event, QueueFull, Scheduler
+from .scheduler import Request as GenRequest
+from .schemas import APIError, ChatRequest, CompletionRequest, parse, refuse_unsupported
+
+log = logging.getLogger("lookahead.server")
+
+
+# -- the shared trie on disk -------------------------------------------------------------------
+def load_trie(engine, path: str | os.PathLike | None) -> str:
+    """Load `path` into engine.trie if it exists; a bad file is moved aside and the trie starts empty.
+
+    Returns a one-line status, also logged (and shown by /health).
+    """
+    if path is None:
+        return "not persisted (no --trie)"
+    path = Path(path)
+    if not path.exists():
+        status = f"{path} does not exist yet; starting with an empty trie (saved there later)"
+        log.info("trie: %s", status)
+        return status
+    cfg = engine.draft_config
+    try:
+        engine.trie = TokenTrie.load(path, capacity=cfg.capacity, prompt_weight=cfg.prompt_weight)
+    except TrieFileError as e:
+        aside = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        status = f"refused {e}; starting with an EMPTY trie (the bad file was moved to {aside})"
+        log.error("trie: %s", status)
+        return status
+    status = f"loaded {len(engine.trie)} nodes from {path}"
+    log.info("trie: %s", status)
+    return status
+
+
+class TrieKeeper:
+    """Saves the shared trie every `every` seconds when it has learned something, and at shutdown."""
+
+    def __init__(self, engine, scheduler: Scheduler, path: str | os.PathLike, every: float) -> None:
+        self.engine, self.scheduler, self.path, self.every = engine, scheduler, Path(path), every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved = self._marker()
+        self.saves = 0
+
+    def _marker(self) -> tuple[int, int, int]:
+        return id(self.engine.trie), self.scheduler.stats.emitted, len(self.engine.trie)
+
+    def save_if_changed(self) -> bool:
+        marker = self._marker()
+        if marker == self._saved:
+            return False
+        try:
+            self.engine.trie.save(self.path)
+        except OSError as e:  # a full disk must not take the server down
+            log.error("trie: could not save to %s: %s", self.path, e)
+            return False
+        self._saved, self.saves = marker, self.saves + 1
+        log.info("trie: saved %d nodes to %s", len(self.engine.trie), self.path)
+        return True
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.every):
+                self.save_if_changed()
+        if self.every > 0:
+            self._thread = threading.Thread(target=loop, name="lookahead-trie-saver", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.save_if_changed()
+
+
+# -- runs: the engine's own request object ----------------------------------------------------
+def _sampling_supported() -> bool:
+    from ..engine import _Run
+    return "sampling" in inspect.signature(_Run).parameters
+
+
+def new_run(engine, ids: list[int], max_tokens: int, stops: list[str], draft: bool, sampling: dict[str, Any]):
+    """The engine's `_Run` for one request: prompt checks, stop logic and the accept rule it uses."""
+    from ..engine import _Run
+    if _sampling_supported():
+        from ..decoding.sampling import SamplingParams
+        return _Run(engine, ids, max_tokens, stops, draft, SamplingParams.of(**sampling))
+    if sampling.get("do_sample") or sampling.get("presence_penalty") or sampling.get("frequency_penalty"):
+        raise APIError(400, "sampling (temperature > 0) and penalties are not supported yet; use temperature=0",
+                       param="temperature", code="unsupported_value")
+    return _Run(engine, ids, max_tokens, stops, draft)
+
+
+def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
+    temperature = default_temperature if req.temperature is None else float(req.temperature)
+    args: dict[str, Any] = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+    if temperature > 0:
+        # OpenAI semantics: no top-k; top_p only when given.
+        args.update(do_sample=True, temperature=temperature, top_k=0, top_p=req.top_p, seed=req.seed)
+    return {k: (float(v) if isinstance(v, float | int) and k.endswith("penalty") else v)
+            for k, v in args.items() if v is not None}
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None = None,
+               trie_path: str | os.PathLike | None = None, save_every: float = 300.0, max_batch: int = 32,
+               max_waiting: int = 512, draft: bool = True, policy: DraftPolicy | None = None,
+               max_tokens_limit: int | None = None, default_temperature: float = 0.0,
+               max_body_bytes: int = 4 << 20) -> FastAPI:
+    """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan."""
+    trie_status = load_trie(engine, trie_path)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, draft=draft, policy=policy)
+    metrics = Metrics(scheduler, lambda: engine.trie)
+    keeper = TrieKeeper(engine, scheduler, trie_path, save_every) if trie_path is not None else None
+    encode_lock = threading.Lock()  # HF tokenizers are not safe to call from several threads at once
+    max_positions = engine.max_positions
+    limit = max_tokens_limit or max_positions or 4096
+    vocab = engine.model.get_input_embeddings().num_embeddings
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        if keeper:
+            keeper.start()
+        policy_ = scheduler.policy
+        log.info("serving %s: drafting %s, max batch %d, draft off from batch %d", model_name,
+                 "on" if draft else "off", max_batch, policy_.switch_off_batch())
+        try:
+            yield
+        finally:
+            scheduler.shutdown()
+            if keeper:
+                keeper.stop()
+
+    app = FastAPI(title="lookahead", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
+    app.state.keeper, app.state.trie_status, app.state.model_name = keeper, trie_status, model_name
+
+    # -- errors: always an OpenAI-style body ----------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        metrics.count(request.url.path, exc.status)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        metrics.count(request.url.path if exc.status_code != 404 else "other", exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s", request.url.path)
+        metrics.count(request.url.path, 500)
+        return JSONResponse(APIError(500, f"internal error: {exc}").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def encode(prompt: Any) -> list[int]:
+        with encode_lock:
+            return engine.encode(prompt)
+
+    async def prepare(req, chat: bool) -> GenRequest:
+        refuse_unsupported(req)
+        if req.model != model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        if chat:
+            prompt: Any = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                           for m in req.messages]
+        else:
+            prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+            if isinstance(prompt, list) and any(not 0 <= t < vocab for t in prompt):
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt",
+                               code="invalid_value")
+        try:
+            ids = await run_in_threadpool(encode, prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
+        if max_positions and len(ids) >= max_positions:
+            raise APIError(400, f"this model's maximum context length is {max_positions} tokens; the prompt has "
+                           f"{len(ids)}", param="messages" if chat else "prompt", code="context_length_exceeded")
+        max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
+        room = (max_positions - len(ids)) if max_positions else limit
+        if max_tokens is None:
+            max_tokens = min(limit, room)
+        elif max_tokens < 1:
+            raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param, code="invalid_value")
+        elif max_tokens > limit:
+            raise APIError(400, f"{param} must be at most {limit}, got {max_tokens}", param=param,
+                           code="invalid_value")
+        elif max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {max_positions} tokens; you requested "
+                           f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the completion)",
+                           param=param, code="context_length_exceeded")
+        sampling = _sampling_args(req, default_temperature)
+        try:
+            run = await run_in_threadpool(new_run, engine, ids, max_tokens, req.stops(), draft, sampling)
+        except ValueError as e:  # the engine's own checks (sampling parameters, limits)
+            raise APIError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        request = GenRequest(run, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        request.queue = queue  # type: ignore[attr-defined]
+        try:
+            scheduler.submit(request)
+        except QueueFull as e:
+            raise APIError(503, str(e), code="overloaded") from None
+        return request
+
+    async def complete(path: str, request: Request, chat: bool) -> Response:
+        authorize(request)
+        req = parse(ChatRequest if chat else CompletionRequest, await read_json(request))
+        gen = await prepare(req, chat)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        now = int(time.time())
+        if req.stream:
+            metrics.count(path, 200)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(gen, rid, now, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pieces, done = [], None
+        try:
+            while done is None:
+                try:
+                    event = await asyncio.wait_for(gen.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        scheduler.cancel(gen)
+                        metrics.count(path, 499)
+                        return Response(status_code=499)
+                    continue
+                if event.kind == "text":
+                    pieces.append(event.text)
+                elif event.kind == "error":
+                    raise APIError(event.status, event.message)
+                else:
+                    done = event
+        finally:
+            if done is None:
+                scheduler.cancel(gen)
+        text = "".join(pieces)
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": done.finish_reason, "logprobs": None}
+            body = {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                    "choices": [choice], "usage": usage, "system_fingerprint": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": done.finish_reason, "logprobs": None}
+            body = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": [choice], "usage": usage, "system_fingerprint": None}
+        metrics.count(path, 200)
+        return JSONResponse(body)
+
+    async def stream(gen: GenRequest, rid: str, now: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            while True:
+                event = await gen.queue.get()
+                if event.kind == "text":
+                    yield chunk(event.text, None)
+                elif event.kind == "error":
+                    finished = True
+                    yield f"data: {json.dumps(APIError(event.status, event.message).body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    finished = True
+                    yield chunk(None, event.finish_reason)
+                    if include_usage:
+                        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                                 "total_tokens": event.prompt_tokens + event.completion_tokens}
+                        body = {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [],
+                                "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not finished:  # the client went away (or the stream was cancelled): free the batch slot now
+                scheduler.cancel(gen)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete("/v1/chat/completions", request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete("/v1/completions", request, chat=False)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "lookahead",
+                "max_model_len": max_positions}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        metrics.count("/v1/models", 200)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        metrics.count("/v1/models", 200)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = scheduler.alive
+        body = {"status": "ok" if ok else "error", "model": model_name, "decode_thread": ok,
+                "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.trie),
+                "trie": trie_status, "drafting": draft}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

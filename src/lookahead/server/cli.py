@@ -1,0 +1,105 @@
+"""`lookahead serve` and `lookahead warm`: registered on the main parser by `add_parser`.
+
+Heavy imports (torch, FastAPI, uvicorn) happen inside the handlers, so `lookahead --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_parser(sub) -> None:
+    """Register the `serve` and `warm` subcommands on the CLI's subparsers."""
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched tree verification")
+    serve.add_argument("--model", default=None, help="named model, .gguf file or HF directory (default: embedded)")
+    serve.add_argument("--served-model-name", default=None, help="model id clients send (default: --model or "
+                       "'smollm2-135m')")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("LOOKAHEAD_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $LOOKAHEAD_API_KEY)")
+    serve.add_argument("--trie", default=None, metavar="PATH", help="shared trie file: loaded at start, "
+                       "saved periodically and on shutdown")
+    serve.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
+                       help="trie save interval (0: only on shutdown)")
+    serve.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (exact reference)")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
+    serve.add_argument("--token-budget", type=int, default=None,
+                       help="query tokens per forward that drafts may fill (per-row tree = budget // batch - 1)")
+    serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at batch size 1")
+    serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
+    serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
+    serve.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
+    serve.add_argument("--temperature", type=float, default=0.0,
+                       help="temperature when a request gives none (default 0: greedy, exact)")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    warm = sub.add_parser("warm", help="build a shared trie from a JSONL corpus of prompts/answers")
+    warm.add_argument("--corpus", required=True, help="JSONL: {'messages': [...]}, {'prompt', 'completion'} or "
+                      "{'text'} per line")
+    warm.add_argument("--out", required=True, help="trie file to write (safetensors, atomic)")
+    warm.add_argument("--model", default=None, help="whose tokenizer (must match the server's model)")
+    warm.add_argument("--append", action="store_true", help="add to the trie already in --out")
+    warm.add_argument("--raw", action="store_true", help="no chat template around prompts")
+    warm.add_argument("--include-prompts", action="store_true", help="learn the prompts too, not only answers")
+    warm.add_argument("--trie-capacity", type=int, default=None, help="node bound of the trie")
+    warm.add_argument("--max-depth", type=int, default=None, help="longest draft branch the server will use")
+    warm.add_argument("--no-progress", action="store_true")
+    warm.set_defaults(func=_warm)
+
+
+def _draft_config(args: argparse.Namespace):
+    from ..engine import DraftConfig
+    sizes = {k: v for k, v in (("max_nodes", getattr(args, "max_nodes", None)), ("max_depth", args.max_depth),
+                               ("capacity", args.trie_capacity)) if v is not None}
+    return DraftConfig(**sizes)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..engine import Engine
+    from ..models import load_model
+    from .app import create_app
+    from .scheduler import DraftPolicy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = _draft_config(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, tokenizer, config)
+    policy = DraftPolicy(max_nodes=config.max_nodes, max_depth=config.max_depth)
+    if args.token_budget is not None:
+        policy.token_budget = args.token_budget
+    name = args.served_model_name or args.model or "smollm2-135m"
+    app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
+                     max_batch=args.max_batch, draft=not args.no_draft, policy=policy,
+                     max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature)
+    print(f"lookahead: serving {name} on http://{args.host}:{args.port}/v1 (trie: {app.state.trie_status})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from ..drafting.trie import TokenTrie
+    from ..drafting.warm import load_tokenizer, warm
+
+    config = _draft_config(args)
+    if args.append and os.path.exists(args.out):
+        trie = TokenTrie.load(args.out, capacity=config.capacity, prompt_weight=config.prompt_weight)
+    else:
+        trie = config.new_trie()
+    tokenizer = load_tokenizer(args.model)
+    report = warm(args.corpus, args.out, tokenizer, trie, raw=args.raw, include_prompts=args.include_prompts,
+                  progress=not args.no_progress)
+    print(f"lookahead: {report.summary()}; saved to {args.out}", file=sys.stderr)
+    return 0

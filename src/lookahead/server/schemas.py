@@ -1,0 +1,134 @@
+"""Request bodies of the OpenAI API subset we serve, validated strictly, and OpenAI-style errors.
+
+Types are strict (a string where a number belongs is a 400, never coerced); unknown fields are
+ignored, as OpenAI clients send many optional ones. Parameters we cannot honour (n > 1,
+logprobs, tools, ...) are refused with a 400 naming them rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+Number = StrictFloat | StrictInt
+
+
+class APIError(Exception):
+    """Becomes an OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(
+            status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class _Common(_Strict):
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    seed: StrictInt | None = None
+    n: StrictInt | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    logprobs: Any = None
+    user: StrictStr | None = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
+        list[StrictStr], Field(min_length=1, max_length=1)]
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "constrained-"))]
+        # Drop pydantic's union-branch labels ("str", "list[...]") from the parameter path.
+        loc = [x for x in loc if not (x in {"str", "int", "float", "bool"} or x.startswith(("list[", "lax-", "json-")))]
+        param = ".".join(loc) or None
+        kind, msg = err.get("type", ""), err.get("msg", "invalid value")
+        if kind == "missing":
+            message = f"missing required parameter '{param}'"
+        else:
+            message = f"invalid value for '{param}': {msg}"
+        raise APIError(400, message, param=param, code="missing_required_parameter" if kind == "missing"
+                       else "invalid_value") from None
+
+
+def refuse_unsupported(req: _Common) -> None:
+    """400 for parameters we would otherwise have to ignore."""
+    if req.n not in (None, 1):
+        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    if req.logprobs not in (None, False, 0):
+        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if isinstance(req, ChatRequest):
+        if req.tools:
+            raise APIError(400, "tools are not supported", param="tools", code="unsupported_value")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format type 'text' is supported", param="response_format",
+                           code="unsupported_value")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", param="best_of", code="unsupported_value")

@@ -1,0 +1,33 @@
+"""`lookahead generate`: the README's main command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import lookahead
+from lookahead.cli import main
+
+pytestmark = pytest.mark.real_model
+
+
+def test_generate_streams_text_and_a_stats_line(real_engine, monkeypatch, capsys):
+    monkeypatch.setattr(lookahead, "load", lambda *args, **kwargs: real_engine)
+    assert main(["generate", "--max-new-tokens", "24", "--compare"]) == 0
+    out, err = capsys.readouterr()
+    halves = [line for line in out.split("\n") if line.strip()]
+    assert halves and out.count(halves[0]) == 2  # --compare prints the same text twice (no draft, then draft)
+    assert "accepted tokens/step" in err and "outputs identical" in err
+
+
+def test_bad_model_path_is_a_clear_error(capsys):
+    assert main(["generate", "--model", "/nonexistent/model.gguf", "--max-new-tokens", "4"]) == 2
+    assert "neither a named model" in capsys.readouterr().err
+
+
+def test_console_script_runs_with_no_arguments_but_a_limit():
+    done = subprocess.run([sys.executable, "-m", "lookahead.cli", "generate", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[lookahead]" in done.stderr and done.stdout.strip()
