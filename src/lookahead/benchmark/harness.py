@@ -151,12 +151,6 @@ def self_answers(engine, items: Sequence[Item], max_new_tokens: int, cache: Path
     return answers
 
 
-def warm_sequences(answers: dict[str, dict], items: Sequence[Item], max_match: int) -> list[list[int]]:
-    """What the shared trie would have learned from serving these prompts: the prompt's last
-    `max_match` tokens (the lead-in a session feeds) followed by the answer."""
-    out = []
-    for item in items:
-        a = answers.get(item.id)
-        if a:
-            out.append(list(a["prompt_tail"][-max_match:]) + list(a["answer"]))
-    return out
+def warm_pairs(answers: dict[str, dict], items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
+    """(prompt tail, answer) per item that has an answer, in item order."""
+    return [(list(answers[i.id]["prompt_tail"]), list(answers[i.id]["answer"])) for i in items if i.id in answers]

@@ -101,7 +101,9 @@ class Context:
     sampling: dict | None = None           # {"do_sample": True, "temperature": .., "top_p": .., "top_k": ..}
     seed: int = 0
     assistant: torch.nn.Module | None = None
-    warm_corpus: list[list[int]] = field(default_factory=list)
+    # (prompt tail, answer) pairs from the train split; a warm trie learns each as a session
+    # would have: the prompt's last max_match tokens (the lead-in), then the answer
+    warm_corpus: list[tuple[list[int], list[int]]] = field(default_factory=list)
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
     _tries: dict = field(default_factory=dict)
     _engines: dict = field(default_factory=dict)
@@ -128,8 +130,8 @@ class Context:
             return self._tries[key]
         trie = cfg.new_trie()
         if spec.warm:
-            for seq in self.warm_corpus:
-                trie.insert(seq)
+            for tail, answer in self.warm_corpus:
+                trie.insert(list(tail[-cfg.max_match:]) + list(answer))
         if self.trie_scope == "run":
             self._tries[key] = trie
         return trie
