@@ -38,7 +38,7 @@ def test_stream_yields_the_same_text_as_generate(engine):
 
 
 def test_draft_budget_is_respected():
-    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(max_nodes=3, max_depth=2))
+    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(max_nodes=3, max_depth=2, sizing="fixed"))
     engine.generate(PROMPT, max_new_tokens=30)
     out = engine.generate(PROMPT, max_new_tokens=30)
     assert max(out.stats.accepted) <= 3  # depth 2 + bonus token
@@ -76,3 +76,12 @@ def test_generation_near_the_context_window_never_exceeds_it():
     engine.generate(prompt, max_new_tokens=20)
     out = engine.generate(prompt, max_new_tokens=100)
     assert len(prompt) + len(out.token_ids) <= 512
+
+
+def test_stats_report_acceptance_per_draft_source():
+    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(sizing="fixed"))
+    engine.generate(PROMPT, max_new_tokens=20)
+    out = engine.generate(PROMPT, max_new_tokens=20)
+    assert set(out.stats.sources) == {"prompt", "history", "recycle", "ngram"}
+    assert all(0 <= accepted <= proposed for proposed, accepted in out.stats.sources.values())
+    assert sum(accepted for _, accepted in out.stats.sources.values()) > 0

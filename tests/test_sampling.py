@@ -178,7 +178,7 @@ def test_temperature_zero_is_greedy():
 def test_invalid_parameters_name_the_parameter(name, value):
     engine = Engine(tiny_model("llama"), IdTokenizer())
     with pytest.raises(ValueError, match=name):
-        engine.generate(PROMPT, max_new_tokens=4, do_sample=True, **{name: value})
+        engine.generate(PROMPT, max_new_tokens=4, **{"do_sample": True, name: value})
     with pytest.raises(ValueError, match=name):
         SamplingParams(**{name: value})
 
@@ -200,6 +200,13 @@ def test_bad_word_outside_the_vocabulary_fails_at_the_call():
 def test_sampling_only_settings_without_do_sample_warn():
     with pytest.warns(UserWarning, match="do_sample is False, so temperature is ignored"):
         SamplingParams(temperature=0.7)
+
+
+def test_numbers_are_normalised_for_transformers():
+    params = SamplingParams(repetition_penalty=2, temperature=1, seed=torch.tensor(3).numpy()[()])
+    assert isinstance(params.repetition_penalty, float) and isinstance(params.temperature, float)
+    assert type(params.seed) is int
+    Engine(tiny_model("llama"), IdTokenizer()).generate(PROMPT, max_new_tokens=2, sampling=params)
 
 
 def test_params_from_a_generation_config():

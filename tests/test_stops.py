@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import IdTokenizer, hf_greedy, tiny_model
+from conftest import FIXED, IdTokenizer, hf_greedy, tiny_model
 from lookahead import Engine
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
@@ -11,7 +11,7 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
 
 def warmed_engine(model) -> Engine:
     """An engine whose shared trie already holds this prompt's output, so whole chunks get accepted."""
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     engine.generate(PROMPT, max_new_tokens=40)
     return engine
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import IdTokenizer, hf_greedy, tiny_model
+from conftest import FIXED, IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftTree, Engine
 from lookahead.decoding.loop import TreeVerifier
 
@@ -48,7 +48,7 @@ def test_compaction_to_a_later_branch_keeps_next_step_exact(arch):
 
 def test_generation_equals_transformers_greedy(arch):
     model = tiny_model(arch, seed=1)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
     expected = hf_greedy(model, prompt, 48)
     for _ in range(2):  # second pass: the shared trie has learned the output, drafts get accepted

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .benchmark.cli import add_parser as add_bench_command
 from .server.cli import add_parser as add_server_commands
 
 DEMO_PROMPT = ("Rewrite this list as a markdown table with columns Name, Role and City:\n"
@@ -18,7 +19,9 @@ def _generate(args: argparse.Namespace) -> int:
     import lookahead
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth)) if v is not None}
+    sampling = _sampling(args)  # bad flags fail before the model loads
+    sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
+                               ("sizing", args.sizing)) if v is not None}
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
                             draft_config=lookahead.DraftConfig(**sizes))
     prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
@@ -27,7 +30,8 @@ def _generate(args: argparse.Namespace) -> int:
     runs = [False, True] if args.compare else [not args.no_draft]
     outputs = []
     for draft in runs:
-        stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, draft=draft)
+        stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, draft=draft,
+                               sampling=sampling)
         for piece in stream:
             print(piece, end="", flush=True)
         print()
@@ -40,6 +44,20 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[compare] speedup {fast.stats.tokens_per_s / max(plain.stats.tokens_per_s, 1e-9):.2f}x, "
               f"outputs {same}", file=sys.stderr)
     return 0
+
+
+def _sampling(args: argparse.Namespace):
+    """Sampling flags -> SamplingParams. A temperature, top-p or top-k implies --do-sample; one seed
+    serves both runs of --compare, so that their outputs can be compared token by token."""
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    do_sample = args.do_sample or any(v is not None for v in given.values())
+    seed = args.seed
+    if do_sample and seed is None and args.compare:
+        import random
+        seed = random.randrange(2**31)
+        print(f"[compare] sampling with seed {seed}", file=sys.stderr)
+    from lookahead import SamplingParams
+    return SamplingParams.of(do_sample=do_sample, repetition_penalty=args.repetition_penalty, seed=seed, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
+    gen.add_argument("--sizing", choices=("measured", "fixed"), default=None,
+                     help="draft tree size: chosen per step from the measured verify cost (default), or always max")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (implies --do-sample)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens; 0 = all (implies --do-sample; default 50)")
+    gen.add_argument("--seed", type=int, default=None, help="seed of this request's sampler (reproducible runs)")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition_penalty")
     gen.set_defaults(func=_generate)
     add_server_commands(sub)  # serve, warm
+    add_bench_command(sub)  # bench
     return parser
 
 

@@ -10,7 +10,11 @@ import torch
 from .decoding.loop import TreeVerifier, decode
 from .decoding.sampling import SamplingParams
 from .decoding.verify import accept_greedy
-from .drafting.trie import Budget, TokenTrie
+from .drafting.budget import cached_cost, measure_cost
+from .drafting.drafter import SOURCES, DraftState
+from .drafting.fusion import Budget
+from .drafting.recycle import RecycleTable
+from .drafting.trie import TokenTrie
 from .models import load_model
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -19,16 +23,22 @@ Prompt = str | Sequence[dict] | Sequence[int]
 @dataclass(frozen=True)
 class DraftConfig:
     """Draft tree budget and trie settings. Defaults tuned on the CPU benchmark (bf16)."""
-    max_nodes: int = 24       # draft nodes verified per step (root excluded)
-    max_depth: int = 12       # longest branch
+    max_nodes: int = 8        # draft nodes verified per step (root excluded)
+    max_depth: int = 6        # longest branch
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
     prompt_weight: float = 0.5  # share of the request scope when both scopes know a path
+    sources: tuple[str, ...] = SOURCES  # fused into one tree: prompt, history (tries), recycle, ngram
+    sizing: str = "measured"  # "measured": per step, the size that pays for itself on the measured
+    #                           verify-cost curve (up to max_nodes); "fixed": always max_nodes
+    recycle_k: int = 8        # next-token guesses kept per token by the recycle table
 
     def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_depth", "max_match", "capacity"):
+        for name in ("max_nodes", "max_depth", "max_match", "capacity", "recycle_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DraftConfig.{name} must be >= 1")
+        if self.sizing not in ("measured", "fixed"):
+            raise ValueError("DraftConfig.sizing must be 'measured' or 'fixed'")
 
     def new_trie(self) -> TokenTrie:
         return TokenTrie(max_match=self.max_match, window=self.max_match + self.max_depth,
@@ -46,6 +56,7 @@ class GenerationStats:
     forward_s: float = 0.0
     total_s: float = 0.0
     accepted: list[int] = field(default_factory=list)  # tokens emitted per step
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (nodes proposed, accepted)
 
     @property
     def mean_accepted(self) -> float:
@@ -82,10 +93,33 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.draft_config = draft_config or DraftConfig()
         self.trie = trie or self.draft_config.new_trie()
+        self.drafting = self._draft_state()
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+    def _draft_state(self) -> DraftState:
+        cfg, model = self.draft_config, self.model
+        recycle = None
+        if "recycle" in cfg.sources:
+            saved = self.trie.extra
+            if "recycle_tokens" in saved and saved["recycle_tokens"].shape[0] == _vocab_size(model):
+                recycle = RecycleTable.from_arrays(saved)
+            else:
+                recycle = RecycleTable(_vocab_size(model), cfg.recycle_k)
+        cost = None
+        if cfg.sizing == "measured":
+            name = getattr(model.config, "_name_or_path", "")
+            # Tiny unnamed models are measured afresh (milliseconds); named ones once per machine.
+            size = sum(p.numel() for p in model.parameters())
+            cost = cached_cost(model, f"{name}-{size}") if name else measure_cost(model)
+        return DraftState(self.trie, recycle, tuple(cfg.sources), cost)
+
+    def save_draft_state(self, path) -> None:
+        """Shared trie and recycle table in one safetensors file (load it with TokenTrie.load)."""
+        recycle = self.drafting.recycle
+        self.trie.save(path, extra=recycle.to_arrays() if recycle is not None else None)
 
     # -- prompts ------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -176,7 +210,7 @@ class _Run:
     def __iter__(self) -> Iterator[list[int]]:
         engine, stats = self.engine, self.stats
         start = time.perf_counter()
-        session = engine.trie.session(self.prompt) if self.draft else None
+        session = engine.drafting.drafter(self.prompt) if self.draft else None
         cfg = engine.draft_config
         steps = decode(TreeVerifier(engine.model), self.prompt, session, Budget(cfg.max_nodes, cfg.max_depth),
                        self.max_new_tokens, engine.max_positions, self.accept)
@@ -193,6 +227,8 @@ class _Run:
             stats.accepted.append(kept)
             stats.new_tokens = len(self.ids)
             stats.total_s = time.perf_counter() - start
+            if session is not None:
+                stats.sources = {name: (s.proposed, s.accepted) for name, s in session.stats.items()}
             yield step.tokens[:kept]
             if self.finish_reason == "stop" or len(self.ids) >= self.max_new_tokens:
                 break
@@ -242,3 +278,9 @@ def load(source: str | None = None, dtype: str | torch.dtype = "bfloat16", devic
     """An Engine for a named model (default: the embedded SmolLM2-135M-Instruct), a .gguf file or an HF dir."""
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     return Engine(model, tokenizer, draft_config)
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    """Rows the recycle table needs: the width of the model's logits."""
+    head = model.get_output_embeddings()
+    return head.out_features if head is not None else model.config.get_text_config().vocab_size

@@ -19,10 +19,11 @@ import torch
 from .methods import Context, MethodSpec, run_method
 from .stats import BASELINE, Record, first_difference
 
-# bf16 carries ~3 significant digits: logits of size 10-30 round in steps of 0.06-0.125, and a
-# tree forward rounds differently from a one-token forward (and so do the KV entries the two
-# runs cached). A divergence where the top-2 logits of a plain forward are this close is a
-# near-tie, not a bug. In fp32 the two forwards differ by ~1e-5.
+# bf16 carries ~3 significant digits: logits of size 10-30 round in steps of 0.06-0.125 (exact
+# ties are common), and a multi-token forward rounds differently from a one-token forward (and
+# so do the KV entries the two runs cached). A divergence where both tokens' logits in a plain
+# forward are this close to the top logit is a near-tie, not a bug. In fp32 the forwards differ
+# by ~1e-5.
 NEAR_TIE = {torch.bfloat16: 0.25, torch.float16: 0.25, torch.float32: 1e-3}
 
 
@@ -41,23 +42,26 @@ def rotated(methods: Sequence[MethodSpec], index: int) -> list[MethodSpec]:
 
 
 @torch.inference_mode()
-def top2_gap(model: torch.nn.Module, ids: list[int]) -> tuple[float, list[int]]:
-    """(top-1 minus top-2 logit, [top-1, top-2] tokens) of a plain forward over `ids`."""
+def tie_gap(model: torch.nn.Module, ids: list[int], a: int, b: int) -> float:
+    """How far the worse of tokens a and b is from the top logit, in a plain forward over `ids`.
+
+    When a and b are the top two this is the top-2 gap; bf16 logits are coarse enough for
+    exact (and three-way) ties, so both tokens are measured against the maximum.
+    """
     logits = model(torch.tensor([ids], device=model.device), logits_to_keep=1).logits[0, -1].float()
-    top = logits.topk(2)
-    return float(top.values[0] - top.values[1]), top.indices.tolist()
+    top = float(logits.max())
+    return max(top - float(logits[a]), top - float(logits[b]))
 
 
 def mark_equality(records: list[Record], items: dict[str, Item], model: torch.nn.Module,
                   threshold: float | None) -> None:
-    """Fill same_as_baseline (and for divergences: position, top-2 gap, near-tie) in place.
+    """Fill same_as_baseline (and for divergences: position, tie gap, near-tie) in place.
 
-    threshold None (sampling) leaves the columns empty: samples are not expected to match.
+    threshold None (sampling) skips the near-tie check: a seeded sample may differ wherever a
+    draw falls between two rounding results, tie or not.
     """
-    if threshold is None:
-        return
     base = {r.prompt_id: r.token_ids for r in records if r.method == BASELINE}
-    gaps: dict[tuple[str, int], tuple[float, list[int]]] = {}
+    gaps: dict[tuple, float] = {}
     for r in records:
         if r.method == BASELINE or r.prompt_id not in base:
             continue
@@ -67,28 +71,47 @@ def mark_equality(records: list[Record], items: dict[str, Item], model: torch.nn
         if k is None:
             continue
         r.diverged_at = k
-        if k >= len(ref) or k >= len(r.token_ids):  # one stopped early: compare the stop itself
-            r.top2_gap, r.near_tie = None, False
+        if threshold is None:
             continue
-        key = (r.prompt_id, k)
+        if k >= len(ref) or k >= len(r.token_ids):  # one stopped early: compare the stop itself
+            r.tie_gap, r.near_tie = None, False
+            continue
+        key = (r.prompt_id, k, r.token_ids[k])
         if key not in gaps:
-            gaps[key] = top2_gap(model, items[r.prompt_id].ids + ref[:k])
-        gap, top = gaps[key]
-        r.top2_gap = gap
-        r.near_tie = gap <= threshold and set(top) == {ref[k], r.token_ids[k]}
+            gaps[key] = tie_gap(model, items[r.prompt_id].ids + ref[:k], ref[k], r.token_ids[k])
+        r.tie_gap = gaps[key]
+        r.near_tie = r.tie_gap <= threshold
 
 
-def run_interleaved(ctx: Context, items: Sequence[Item], methods: Sequence[MethodSpec],
-                    progress: Callable[[str], None] | None = None) -> list[Record]:
-    """Every method on every item, item by item; returns one Record per (item, method)."""
+def run_interleaved(ctx: Context, items: Sequence[Item], methods: Sequence[MethodSpec], repeats: int = 1,
+                    progress: Callable[[str], None] | None = None,
+                    sink: Callable[[Record], None] | None = None) -> list[Record]:
+    """Every method on every item, item by item; returns one Record per (item, method).
+
+    With `repeats` > 1 every method runs that many times per item (rounds interleaved) and the
+    record keeps the fastest run (on a shared machine the least disturbed one: interference
+    only ever adds time); `walls` lists them all. `progress` is called after each run, `sink`
+    with each finished record (e.g. to save a long run as it goes).
+    """
     records = []
     for i, item in enumerate(items):
-        for spec in rotated(methods, i):
-            if progress:
-                progress(f"{item.category} {item.id} {spec.name}")
-            r = run_method(ctx, spec, item.ids)
-            r.prompt_id, r.category = item.id, item.category
+        best: dict[str, Record] = {}
+        walls: dict[str, list[float]] = {}
+        for rnd in range(repeats):
+            for spec in rotated(methods, i + rnd):
+                r = run_method(ctx, spec, item.ids)
+                r.prompt_id, r.category = item.id, item.category
+                walls.setdefault(spec.name, []).append(r.wall_s)
+                if spec.name not in best or r.wall_s < best[spec.name].wall_s:
+                    best[spec.name] = r
+                if progress:
+                    progress(f"{item.id} {spec.name} {r.tokens_per_s:.1f} tok/s")
+        for spec in methods:
+            r = best[spec.name]
+            r.walls = walls[spec.name]
             records.append(r)
+            if sink:
+                sink(r)
     return records
 
 
@@ -133,21 +156,17 @@ def self_answers(engine, items: Sequence[Item], max_new_tokens: int, cache: Path
                  progress: Callable[[Item], None] | None = None) -> dict[str, dict]:
     """The model's own greedy answers to `items`, generated once (with lookahead, which is
     greedy-exact) and cached at `cache`; returns {item id: {"prompt_tail", "answer"}}."""
+    from ..engine import Engine
+
     answers = load_warm_cache(cache)
-    trie = engine.draft_config.new_trie()  # a private trie: the run's tries stay untouched
-    saved = engine.trie
-    engine.trie = trie
-    try:
-        for item in items:
-            if progress:
-                progress(item)
-            if item.id in answers:
-                continue
+    engine = Engine(engine.model, engine.tokenizer, engine.draft_config)  # private state: nothing leaks
+    for item in items:
+        if item.id not in answers:
             out = engine.generate(list(item.ids), max_new_tokens=max_new_tokens)
             answers[item.id] = {"prompt_tail": item.ids[-16:], "answer": list(out.token_ids)}
             save_warm_cache(cache, answers, meta)  # after each answer: an interrupted warm-up resumes
-    finally:
-        engine.trie = saved
+        if progress:
+            progress(item)
     return answers
 
 

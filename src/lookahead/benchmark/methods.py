@@ -15,12 +15,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..engine import DraftConfig, Engine
-from ..drafting.trie import TokenTrie
 from .stats import BASELINE, Record
 
 PLD_TOKENS = 10
@@ -51,9 +50,8 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         cfg = None
         if m["n"]:
             base = base or DraftConfig()
-            cfg = DraftConfig(max_nodes=int(m["n"]), max_depth=int(m["d"]),
-                              max_match=int(m["m"]) if m["m"] else base.max_match,
-                              capacity=base.capacity, prompt_weight=base.prompt_weight)
+            cfg = replace(base, max_nodes=int(m["n"]), max_depth=int(m["d"]),
+                          max_match=int(m["m"]) if m["m"] else base.max_match)
         return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
     raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, lookahead, lookahead-warm, "
                      "or lookahead[-warm]-nNODES-dDEPTH[-mMATCH]")
@@ -105,7 +103,6 @@ class Context:
     # would have: the prompt's last max_match tokens (the lead-in), then the answer
     warm_corpus: list[tuple[list[int], list[int]]] = field(default_factory=list)
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
-    _tries: dict = field(default_factory=dict)
     _engines: dict = field(default_factory=dict)
 
     @property
@@ -115,26 +112,23 @@ class Context:
     def eos_ids(self) -> list[int]:
         return sorted(self.engine.eos_ids)
 
-    # -- tries -----------------------------------------------------------------------------
+    # -- lookahead state ----------------------------------------------------------------------
     def engine_for(self, spec: MethodSpec) -> Engine:
+        """An engine on the shared model with a fresh cross-request state: an empty trie (cold) or
+        one that learned the warm corpus (warm); everything else the engine keeps across requests
+        (e.g. a recycle table) starts empty too. With trie_scope "run" one engine per method
+        serves the whole run and keeps learning."""
+        if self.trie_scope == "run" and spec.name in self._engines:
+            return self._engines[spec.name]
         cfg = spec.draft_config or self.engine.draft_config
-        if cfg not in self._engines:
-            self._engines[cfg] = self.engine if cfg == self.engine.draft_config else Engine(
-                self.engine.model, self.engine.tokenizer, cfg)
-        return self._engines[cfg]
-
-    def trie_for(self, spec: MethodSpec, cfg: DraftConfig) -> TokenTrie:
-        """A fresh cold or warm trie per prompt, or one per method kept for the run."""
-        key = spec.name
-        if self.trie_scope == "run" and key in self._tries:
-            return self._tries[key]
         trie = cfg.new_trie()
         if spec.warm:
             for tail, answer in self.warm_corpus:
                 trie.insert(list(tail[-cfg.max_match:]) + list(answer))
+        engine = Engine(self.engine.model, self.engine.tokenizer, cfg, trie=trie)
         if self.trie_scope == "run":
-            self._tries[key] = trie
-        return trie
+            self._engines[spec.name] = engine
+        return engine
 
 
 def _generation_config(ctx: Context, **extra):
@@ -151,16 +145,18 @@ def _generation_config(ctx: Context, **extra):
     return GenerationConfig(**kwargs)
 
 
-def _run_hf(ctx: Context, spec: MethodSpec, ids: list[int], **extra) -> Record:
+def _run_hf(ctx: Context, spec: MethodSpec, ids: list[int], assistant: torch.nn.Module | None = None,
+            **extra) -> Record:
     model = ctx.model
     x = torch.tensor([ids], device=model.device)
     config = _generation_config(ctx, **extra)
+    kwargs = {"assistant_model": assistant} if assistant is not None else {}
     if ctx.sampling:
         torch.manual_seed(ctx.seed)
-    with ForwardMeter(model) as target, ForwardMeter(extra.get("assistant_model")) as draft:
+    with ForwardMeter(model) as target, ForwardMeter(assistant) as draft:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config, **kwargs)
             wall = time.perf_counter() - t0
     tokens = out[0, len(ids):].tolist()  # one sequence: never padded
     return Record(prompt_id="", category="", method=spec.name, prompt_tokens=len(ids), token_ids=tokens,
@@ -180,12 +176,11 @@ def run_pld(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
 def run_assisted(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     if ctx.assistant is None:
         raise ValueError("method 'assisted' needs a draft model (--assistant)")
-    return _run_hf(ctx, spec, ids, assistant_model=ctx.assistant)
+    return _run_hf(ctx, spec, ids, assistant=ctx.assistant)
 
 
 def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     engine = ctx.engine_for(spec)
-    engine.trie = ctx.trie_for(spec, engine.draft_config)
     kwargs = dict(ctx.sampling or {})
     if ctx.sampling:
         kwargs["seed"] = ctx.seed
@@ -196,7 +191,9 @@ def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     s = out.stats
     return Record(prompt_id="", category="", method=spec.name, prompt_tokens=len(ids), token_ids=list(out.token_ids),
                   wall_s=wall, prefill_s=s.prefill_s, forward_s=target.seconds, forward_calls=target.calls,
-                  draft_s=s.draft_s, step_s=s.draft_s + s.forward_s, accepted=list(s.accepted))
+                  draft_s=s.draft_s, step_s=s.draft_s + s.forward_s, accepted=list(s.accepted),
+                  draft_tokens=s.draft_tokens,
+                  sources={k: list(v) for k, v in (getattr(s, "sources", None) or {}).items()} or None)
 
 
 RUNNERS: dict[str, Callable[[Context, MethodSpec, list[int]], Record]] = {

@@ -30,8 +30,11 @@ class Record:
     accepted: list[int] = field(default_factory=list)  # tokens emitted per step (lookahead only)
     same_as_baseline: bool | None = None
     diverged_at: int | None = None      # first differing position vs the baseline
-    top2_gap: float | None = None       # plain-forward top-2 logit gap there
+    tie_gap: float | None = None        # plain forward there: the two tokens' distance from the top logit
     near_tie: bool | None = None
+    walls: list[float] = field(default_factory=list)  # every repeat's wall time (wall_s: the fastest)
+    draft_tokens: int | None = None     # lookahead: draft nodes verified, summed over steps
+    sources: dict | None = None         # lookahead: nodes proposed / accepted per draft source
 
     @property
     def new_tokens(self) -> int:
@@ -134,7 +137,7 @@ def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float])
                               for r in records])
     compared = [r for r in records if r.same_as_baseline is not None]
     diverged = [r for r in compared if not r.same_as_baseline]
-    gaps = [r.top2_gap for r in diverged if r.top2_gap is not None]
+    gaps = [r.tie_gap for r in diverged if r.tie_gap is not None]
     return {
         "n": len(records),
         "new_tokens": new,
@@ -149,10 +152,14 @@ def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float])
         "mean_accepted": new / steps if steps else None,
         "draft_share": draft / step_time if draft is not None and step_time else None,
         "forward_share": fwd / wall if wall else None,  # time inside the target model's forwards
+        "mean_tree_nodes": (sum(r.draft_tokens for r in records if r.draft_tokens is not None)
+                            / max(sum(len(r.accepted) for r in records if r.draft_tokens is not None), 1)
+                            if any(r.draft_tokens is not None for r in records) else None),
         "same_as_baseline": len(compared) - len(diverged) if compared else None,
         "compared": len(compared),
         "divergences": len(diverged),
         "near_ties": sum(1 for r in diverged if r.near_tie),
+        "near_tie_checked": sum(1 for r in diverged if r.near_tie is not None),
         "max_divergence_gap": max(gaps) if gaps else None,
     }
 

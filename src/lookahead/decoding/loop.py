@@ -22,7 +22,8 @@ from .verify import AcceptRule, accept_greedy
 
 class Drafter(Protocol):
     def propose(self, context: list[int], budget) -> DraftTree: ...
-    def observe(self, tokens: list[int]) -> None: ...
+    def observe(self, tokens: list[int], tree: DraftTree | None = None, logits: torch.Tensor | None = None,
+                nodes: list[int] | None = None) -> None: ...
 
 
 @dataclass
@@ -100,5 +101,5 @@ def decode(verifier: TreeVerifier, prompt: list[int], drafter: Drafter | None, b
         context.extend(tokens)
         emitted += len(tokens)
         if drafter is not None:
-            drafter.observe(tokens)
+            drafter.observe(tokens, tree=tree, logits=logits, nodes=nodes)
         yield Step(tokens, len(tree) - 1, t1 - t0 + time.perf_counter() - t2, t2 - t1)

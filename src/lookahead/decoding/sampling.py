@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, fields, replace
 
@@ -100,12 +101,13 @@ def _check(p: SamplingParams) -> None:
     """ValueError naming the parameter for any value transformers would reject or misread."""
     def number(name: str, lo: float, hi: float, lo_open: bool = False, integer: bool = False) -> None:
         v = getattr(p, name)
-        kind = int if integer else (int, float)
+        kind = numbers.Integral if integer else numbers.Real
         if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
             raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {v!r}")
         if v < lo or v > hi or (lo_open and v == lo):
             lo_s = f"{'>' if lo_open else '>='} {lo}"
             raise ValueError(f"{name} must be {lo_s}" + (f" and <= {hi}" if hi != math.inf else "") + f", got {v!r}")
+        object.__setattr__(p, name, int(v) if integer else float(v))  # transformers wants e.g. a float penalty
 
     if not isinstance(p.do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {p.do_sample!r}")
@@ -125,10 +127,10 @@ def _check(p: SamplingParams) -> None:
         words = p.bad_words_ids
         ok = isinstance(words, (list, tuple)) and len(words) > 0 and all(
             isinstance(w, (list, tuple)) and len(w) > 0
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w) for w in words)
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in w) for w in words)
         if not ok:
             raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {words!r}")
-        object.__setattr__(p, "bad_words_ids", tuple(tuple(w) for w in words))
+        object.__setattr__(p, "bad_words_ids", tuple(tuple(int(t) for t in w) for w in words))
     if not p.do_sample:
         changed = [n for n in _SAMPLING_ONLY if getattr(p, n) not in (getattr(SamplingParams, n), 0)]
         if changed:

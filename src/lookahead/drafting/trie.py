@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import itertools
 import json
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..tree import DraftTree
+from .fusion import Budget, build_tree
 
 FILE_FORMAT = "lookahead-trie"
 FILE_VERSION = "1"
@@ -98,11 +97,21 @@ class _Feeder:
             self.cursors = grown
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Draft tree size: draft nodes (root excluded) and branch depth."""
-    nodes: int
-    depth: int
+class NodeCursor:
+    """A position in a scope, for the tree builder: continuations ranked by count."""
+    __slots__ = ("node",)
+
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+
+    def next(self, limit: int) -> list[tuple[int, float]]:
+        node = self.node
+        top = heapq.nlargest(limit, node.children.items(), key=lambda kv: kv[1].count)
+        return [(token, child.count / node.total) for token, child in top]
+
+    def child(self, token: int) -> NodeCursor | None:
+        child = self.node.children.get(token)
+        return NodeCursor(child) if child is not None and child.total else None
 
 
 class TokenTrie:
@@ -120,6 +129,7 @@ class TokenTrie:
         self.prompt_weight = prompt_weight
         self.shared = _Scope()
         self.lock = threading.RLock()
+        self.extra: dict[str, torch.Tensor] = {}  # arrays loaded with the trie that belong to others
 
     def __len__(self) -> int:
         return self.shared.size
@@ -141,12 +151,16 @@ class TokenTrie:
             scope.epoch += 1
 
     # -- persistence: safetensors arrays + metadata, never pickle -------------------------
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the shared scope (plus `extra` arrays stored alongside, e.g. the recycle table)."""
         with self.lock:
             parents, tokens, counts = _flatten(self.shared.root)
         arrays = {"parents": torch.tensor(parents, dtype=torch.int64),
                   "tokens": torch.tensor(tokens, dtype=torch.int64),
                   "counts": torch.tensor(counts, dtype=torch.int64)}
+        if extra and set(extra) & set(arrays):
+            raise ValueError("extra arrays must not reuse the trie's own names")
+        arrays.update({k: v.contiguous() for k, v in (extra or {}).items()})
         meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "sha256": _digest(arrays),
                 "settings": json.dumps({"max_match": self.max_match, "window": self.window})}
         path = Path(path)
@@ -172,13 +186,14 @@ class TokenTrie:
         if meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
             raise TrieFileError(f"{path}: not a lookahead trie file (format {meta.get('format')!r}, "
                                 f"version {meta.get('version')!r})")
-        if set(arrays) != {"parents", "tokens", "counts"} or meta.get("sha256") != _digest(arrays):
+        if not {"parents", "tokens", "counts"} <= set(arrays) or meta.get("sha256") != _digest(arrays):
             raise TrieFileError(f"{path}: trie file is corrupted (checksum mismatch)")
         settings = json.loads(meta["settings"])
         trie = cls(max_match=settings["max_match"], window=settings["window"], capacity=capacity,
                    prompt_weight=prompt_weight)
         trie.shared.size = _unflatten(trie.shared.root, arrays, path)
         trie._bound()
+        trie.extra = {k: v for k, v in arrays.items() if k not in ("parents", "tokens", "counts")}
         return trie
 
 
@@ -195,54 +210,25 @@ class TrieSession:
             # Lead-in so the shared scope learns how outputs start after a prompt's last tokens.
             self._shared_feed.feed(list(prompt[-trie.max_match:]))
 
-    def observe(self, tokens: list[int]) -> None:
-        """Accepted tokens: counted into this request's scope and the shared scope."""
+    def observe(self, tokens: list[int], **_feedback) -> None:
+        """Accepted tokens: counted into this request's scope and the shared scope (other feedback unused)."""
         self._request_feed.feed(tokens)
         with self.trie.lock:
             self._shared_feed.feed(tokens)
             self.trie._bound()
 
-    def propose(self, context: list[int], budget: Budget) -> DraftTree:
-        """Best-first draft tree rooted at context[-1]."""
+    def cursors(self, context: list[int]) -> dict[str, tuple[float, NodeCursor | None]]:
+        """Root cursors of both scopes for the tree builder (call with `trie.lock` held)."""
         trie = self.trie
-        tokens, parents = [context[-1]], [-1]
-        if budget.nodes <= 0 or budget.depth <= 0:
-            return DraftTree(tokens, parents)
-        with trie.lock:
-            start = (self.request.match(context, trie.max_match), trie.shared.match(context, trie.max_match))
-            frontier: list = []
-            tick = itertools.count()  # tie-break: earlier-pushed first, never compare nodes
-            _push_children(frontier, tick, 0, 1.0, start, trie.prompt_weight, budget.nodes)
-            depth = [0]
-            while frontier and len(tokens) <= budget.nodes:
-                neg_score, _, parent, token, nodes = heapq.heappop(frontier)
-                tokens.append(token)
-                parents.append(parent)
-                depth.append(depth[parent] + 1)
-                if depth[-1] < budget.depth:
-                    _push_children(frontier, tick, len(tokens) - 1, -neg_score, nodes, trie.prompt_weight,
-                                   budget.nodes + 1 - len(tokens))
-        return DraftTree(tokens, parents)
+        request = self.request.match(context, trie.max_match)
+        shared = trie.shared.match(context, trie.max_match)
+        return {"prompt": (trie.prompt_weight, request and NodeCursor(request)),
+                "history": (1.0 - trie.prompt_weight, shared and NodeCursor(shared))}
 
-
-def _push_children(frontier: list, tick, parent: int, score: float, nodes: tuple, prompt_weight: float,
-                   limit: int) -> None:
-    """Push the `limit` most probable continuations of one tree node, the two scopes mixed."""
-    if limit <= 0:
-        return
-    request, shared = nodes
-    live = [(n, w) for n, w in ((request, prompt_weight), (shared, 1.0 - prompt_weight)) if n is not None and n.total]
-    if not live:
-        return
-    weight_sum = sum(w for _, w in live) or 1.0
-    probs: dict[int, float] = {}
-    for node, w in live:
-        top = heapq.nlargest(limit, node.children.items(), key=lambda kv: kv[1].count)
-        for token, child in top:
-            probs[token] = probs.get(token, 0.0) + (w / weight_sum) * child.count / node.total
-    for token, p in heapq.nlargest(limit, probs.items(), key=lambda kv: kv[1]):
-        child_nodes = (request.children.get(token) if request else None, shared.children.get(token) if shared else None)
-        heapq.heappush(frontier, (-score * p, next(tick), parent, token, child_nodes))
+    def propose(self, context: list[int], budget: Budget) -> DraftTree:
+        """Best-first draft tree rooted at context[-1], from this trie alone."""
+        with self.trie.lock:
+            return build_tree(context[-1], self.cursors(context), budget).tree
 
 
 def _decay(root: _Node) -> int:

@@ -57,6 +57,8 @@ def load_trie(engine, path: str | os.PathLike | None) -> str:
         status = f"refused {e}; starting with an EMPTY trie (the bad file was moved to {aside})"
         log.error("trie: %s", status)
         return status
+    if callable(getattr(engine, "_draft_state", None)):  # rebuild the engine's drafting over the loaded trie
+        engine.drafting = engine._draft_state()
     status = f"loaded {len(engine.trie)} nodes from {path}"
     log.info("trie: %s", status)
     return status
@@ -80,7 +82,8 @@ class TrieKeeper:
         if marker == self._saved:
             return False
         try:
-            self.engine.trie.save(self.path)
+            save = getattr(self.engine, "save_draft_state", None)  # trie + what the engine keeps with it
+            save(self.path) if callable(save) else self.engine.trie.save(self.path)
         except OSError as e:  # a full disk must not take the server down
             log.error("trie: could not save to %s: %s", self.path, e)
             return False
@@ -376,12 +379,26 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         metrics.count("/v1/models", 200)
         return model_card()
 
+    def policy_info() -> dict[str, Any]:
+        p = scheduler.policy
+        info: dict[str, Any] = {"max_nodes": p.max_nodes}
+        if draft:
+            info["nodes_per_row"] = {b: p.nodes_per_row(b) for b in (1, 2, 4, 8, 16, 32)}
+            info["off_from_batch"] = p.switch_off_batch()
+        if p.cost is not None:
+            info["cost_ms"] = {t: round(1000 * s, 2) for t, s in zip(p.cost.tokens, p.cost.seconds, strict=True)}
+            info["gain_per_budget"] = {n: round(g, 3) for n, g in sorted(p.gains.items())}
+            info["nodes_used_per_budget"] = {n: round(u, 2) for n, u in sorted(p.used.items())}
+        else:
+            info["token_budget"] = p.token_budget
+        return info
+
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = scheduler.alive
         body = {"status": "ok" if ok else "error", "model": model_name, "decode_thread": ok,
                 "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.trie),
-                "trie": trie_status, "drafting": draft}
+                "trie": trie_status, "drafting": draft, "draft_policy": policy_info()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

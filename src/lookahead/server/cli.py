@@ -28,8 +28,11 @@ def add_parser(sub) -> None:
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
+    serve.add_argument("--no-calibrate", action="store_true",
+                       help="skip measuring the forward cost curve at start; trees then shrink by --token-budget")
     serve.add_argument("--token-budget", type=int, default=None,
-                       help="query tokens per forward that drafts may fill (per-row tree = budget // batch - 1)")
+                       help="with --no-calibrate: query tokens per forward drafts may fill (per row: budget // batch"
+                       " - 1; default 32)")
     serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at batch size 1")
     serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
@@ -68,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from ..models import load_model
     from .app import create_app
-    from .scheduler import DraftPolicy
+    from .scheduler import CostCurve, DraftPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -77,8 +80,13 @@ def _serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, config)
     policy = DraftPolicy(max_nodes=config.max_nodes, max_depth=config.max_depth)
+    if not args.no_draft and not args.no_calibrate:
+        policy.cost = CostCurve.measure(model)
+        logging.getLogger("lookahead.server").info("forward cost %s", policy.cost)
     if args.token_budget is not None:
         policy.token_budget = args.token_budget
+        if policy.cost is not None:
+            raise ValueError("--token-budget applies with --no-calibrate only")
     name = args.served_model_name or args.model or "smollm2-135m"
     app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
                      max_batch=args.max_batch, draft=not args.no_draft, policy=policy,

@@ -64,6 +64,8 @@ class Metrics:
         yield gauge("lookahead_batch_size", "rows in the running batch", self.scheduler.active)
         yield gauge("lookahead_draft_nodes_per_row", "draft budget per row in the last step (0 = off)",
                     s.draft_nodes_per_row)
+        yield gauge("lookahead_draft_off_from_batch", "smallest batch size at which drafting is off",
+                    self.scheduler.policy.switch_off_batch() if self.scheduler.draft else 0)
         trie = self.trie()
         yield gauge("lookahead_trie_nodes", "nodes in the shared trie", len(trie))
         yield gauge("lookahead_trie_capacity", "node bound of the shared trie", trie.capacity)

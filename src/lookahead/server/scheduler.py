@@ -19,13 +19,18 @@ that batch with an error, resets the batch and keeps the thread alive.
 """
 from __future__ import annotations
 
+import bisect
+import inspect
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from ..decoding.batch import BatchVerifier
 from ..decoding.verify import accept_greedy
@@ -63,6 +68,7 @@ class Request:
         self.session = None
         self.sent = 0                  # characters of text already sent
         self.accept = getattr(run, "accept", None) or accept_greedy
+        self.observe_all = False       # the drafter also wants the tree, its logits and the accepted nodes
 
     def emit(self, event: Event) -> None:
         try:
@@ -71,32 +77,161 @@ class Request:
             self.cancelled = True
 
 
+class CostCurve:
+    """Measured time of one forward over T query tokens (any split into rows), linear in between."""
+
+    def __init__(self, tokens: list[int], seconds: list[float]) -> None:
+        if not tokens or tokens[0] != 1 or sorted(set(tokens)) != tokens or len(tokens) != len(seconds):
+            raise ValueError("CostCurve needs increasing token counts starting at 1, one time each")
+        self.tokens, self.seconds = list(tokens), list(seconds)
+
+    def __call__(self, total: int) -> float:
+        ts, ss = self.tokens, self.seconds
+        if total <= 1:
+            return ss[0]
+        i = bisect.bisect_left(ts, total)
+        if i == len(ts):  # past the last point: the last slope
+            slope = (ss[-1] - ss[-2]) / (ts[-1] - ts[-2]) if len(ts) > 1 else 0.0
+            return ss[-1] + slope * (total - ts[-1])
+        if ts[i] == total:
+            return ss[i]
+        return ss[i - 1] + (ss[i] - ss[i - 1]) * (total - ts[i - 1]) / (ts[i] - ts[i - 1])
+
+    def knee(self, ratio: float = 2.0) -> int:
+        """The most query tokens one forward takes for at most `ratio` x the cost of one token."""
+        return max(t for t, s in zip(self.tokens, self.seconds, strict=True) if s <= ratio * self.seconds[0])
+
+    def __repr__(self) -> str:
+        return "CostCurve(" + ", ".join(f"{t}: {1000 * s:.1f}ms" for t, s in zip(self.tokens, self.seconds,
+                                                                                   strict=True)) + ")"
+
+    @classmethod
+    def measure(cls, model, tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128), context: int = 256,
+                reps: int = 3) -> CostCurve:
+        """Time BatchVerifier forwards of T tokens (rows of 1 + a chain) over `context`-token caches."""
+        vocab = model.get_input_embeddings().num_embeddings
+        gen = torch.Generator().manual_seed(0)
+        seconds = []
+        for total in tokens:
+            rows = max(1, total // 16)  # big T as several rows, as the server batches them
+            verifier = BatchVerifier(model)
+            for r in range(rows):
+                verifier.add(r, torch.randint(0, vocab, (context,), generator=gen).tolist())
+            sizes = [total // rows + (1 if r < total % rows else 0) for r in range(rows)]
+            trees = [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
+            runs = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                t0 = time.perf_counter()
+                verifier.verify(trees)
+                runs.append(time.perf_counter() - t0)
+                verifier.abort()
+            seconds.append(min(runs[1:]))  # the least disturbed run
+        return cls(list(tokens), seconds)
+
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # draft budgets per row the policy chooses from
+
+
 @dataclass
 class DraftPolicy:
-    """Draft nodes per row as the batch grows.
+    """Draft nodes per row for the current batch size; none where drafting cannot pay.
 
-    On CPU (and GPU) a forward over a few query tokens costs about what one token costs, up to
-    a knee, then grows linearly. Plain batched decoding already spends `batch` query tokens per
-    forward, so drafting fills only what is left below the knee: each row gets
-    `token_budget // batch - 1` nodes (capped by `max_nodes`), and drafting is off once that
-    falls under `min_nodes` - past the knee extra tokens cost more than they can win, and
-    drafting would make throughput worse than plain batched decoding.
+    With a measured `cost` curve (what `lookahead serve` does at start), each step picks the
+    per-row budget n that maximises the expected tokens per second of the whole batch,
+
+        rate(n) = (1 + g(n)) / (t(batch * (1 + s(n))) / t(batch)),      rate(0) = 1 (plain decoding),
+
+    where g(n) is the number of draft tokens a row gets accepted per step with budget n and s(n)
+    the number of draft nodes its tree really has (drafters often find fewer than the budget):
+    running means per budget measured on live traffic. Budgets not tried yet are extrapolated
+    from the nearest measured one m: g(m) * sqrt(n / m) (a bigger tree wins less than
+    proportionally) and min(n, s(m) * n / m).
+    Drafting is used only when it is predicted to beat plain decoding by `margin`; every
+    `explore_every` steps the next bigger budget is tried so the estimates stay current. As the
+    batch grows, t(batch * (n + 1)) / t(batch) grows, so trees shrink and then switch off.
+
+    Without a cost curve: each row gets `token_budget // batch - 1` nodes (at most `max_nodes`),
+    off below `min_nodes`.
     """
     max_nodes: int = 24
     max_depth: int = 12
     token_budget: int = 32
     min_nodes: int = 2
+    cost: CostCurve | None = None
+    prior: float = 1.0          # g(4) assumed before anything is measured
+    smoothing: float = 0.1
+    margin: float = 0.05
+    explore_every: int = 16
+    gains: dict[int, float] = field(default_factory=dict)   # budget -> accepted draft tokens per row-step
+    used: dict[int, float] = field(default_factory=dict)    # budget -> draft nodes per drafted row
+    counts: dict[int, int] = field(default_factory=dict)
+    steps: int = 0
 
-    def budget(self, batch: int) -> Budget | None:
-        nodes = min(self.max_nodes, self.token_budget // max(batch, 1) - 1)
-        if nodes < self.min_nodes:
-            return None
-        return Budget(nodes, min(self.max_depth, nodes))
+    def sizes(self) -> list[int]:
+        return sorted({n for n in SIZES if n < self.max_nodes} | {self.max_nodes})
 
-    def switch_off_batch(self) -> int:
-        """The smallest batch size at which drafting is off."""
+    def _nearest(self, nodes: int) -> int | None:
+        measured = [n for n, c in self.counts.items() if c >= 3]
+        if nodes in measured:
+            return nodes
+        return min(measured, key=lambda n: (abs(math.log(nodes / n)), n)) if measured else None
+
+    def expected_gain(self, nodes: int) -> float:
+        near = self._nearest(nodes)
+        if near is None:
+            return self.prior * math.sqrt(nodes / 4)
+        return self.gains[near] * math.sqrt(nodes / near)
+
+    def expected_size(self, nodes: int) -> float:
+        near = self._nearest(nodes)
+        return float(nodes) if near is None else min(float(nodes), self.used[near] * nodes / near)
+
+    def rate(self, batch: int, nodes: int) -> float:
+        """Predicted throughput with a budget of `nodes` per row, relative to plain batched decoding."""
+        if nodes == 0:
+            return 1.0
+        tokens = max(batch + 1, round(batch * (1 + self.expected_size(nodes))))
+        return (1.0 + self.expected_gain(nodes)) * self.cost(batch) / self.cost(tokens)
+
+    def budget(self, batch: int, explore: bool = False) -> Budget | None:
+        batch = max(batch, 1)
+        if self.cost is None:
+            nodes = min(self.max_nodes, self.token_budget // batch - 1)
+            return Budget(nodes, min(self.max_depth, nodes)) if nodes >= self.min_nodes else None
+        sizes = self.sizes()
+        rates = {n: self.rate(batch, n) for n in sizes}
+        nodes = max(sizes, key=lambda n: (rates[n], -n))
+        if rates[nodes] < 1.0 + self.margin:
+            nodes = 0
+        if explore:  # the next bigger budget, unless it is hopeless
+            bigger = [n for n in sizes if n > nodes]
+            if bigger and rates[bigger[0]] >= 0.75:
+                nodes = bigger[0]
+        return Budget(nodes, min(self.max_depth, nodes)) if nodes else None
+
+    def next_budget(self, batch: int) -> Budget | None:
+        """The budget for this step (explores now and then)."""
+        self.steps += 1
+        return self.budget(batch, explore=self.cost is not None and self.steps % self.explore_every == 0)
+
+    def observe(self, nodes: int, drafted_rows: int, accepted: int, drafted: int | None = None) -> None:
+        """One step with budget `nodes`: `accepted` draft tokens over `drafted_rows` rows whose trees
+        held `drafted` draft nodes in all (default: the full budget)."""
+        if drafted_rows and nodes:
+            for table, mean in ((self.gains, accepted / drafted_rows),
+                                (self.used, (nodes * drafted_rows if drafted is None else drafted) / drafted_rows)):
+                old = table.get(nodes)
+                table[nodes] = mean if old is None else old + self.smoothing * (mean - old)
+            self.counts[nodes] = self.counts.get(nodes, 0) + 1
+
+    def nodes_per_row(self, batch: int) -> int:
+        budget = self.budget(batch)
+        return budget.nodes if budget else 0
+
+    def switch_off_batch(self, limit: int = 256) -> int:
+        """The smallest batch size at which drafting is off (with what is measured so far)."""
         batch = 1
-        while self.budget(batch) is not None:
+        while batch < limit and self.budget(batch) is not None:
             batch += 1
         return batch
 
@@ -130,6 +265,15 @@ class SchedulerStats:
     @property
     def draft_hit_rate(self) -> float:
         return self.accepted_draft / self.draft_tokens if self.draft_tokens else 0.0
+
+
+def new_drafter(engine, prompt: list[int]):
+    """One request's drafter over the engine's shared state: the engine's own drafter when it has one
+    (`engine.drafting.drafter`), else a TrieSession of the shared trie."""
+    state = getattr(engine, "drafting", None)
+    if state is not None and hasattr(state, "drafter"):
+        return state.drafter(prompt)
+    return engine.trie.session(prompt)
 
 
 class QueueFull(RuntimeError):
@@ -239,7 +383,8 @@ class Scheduler:
                 prompt = request.run.prompt
                 self.batch.add(request.id, prompt[:-1])
                 if request.draft and self.draft:
-                    request.session = self.engine.trie.session(prompt)
+                    request.session = new_drafter(self.engine, prompt)
+                    request.observe_all = "logits" in inspect.signature(request.session.observe).parameters
             except Exception as e:  # this request only
                 log.exception("prefill failed for request %d", request.id)
                 if request.id in self.batch:
@@ -252,10 +397,10 @@ class Scheduler:
             budget -= len(prompt)
             self.rows.append(request)
 
-    def _trees(self) -> tuple[list[DraftTree], int]:
+    def _trees(self) -> tuple[list[DraftTree], int, list[bool]]:
         max_positions = self.engine.max_positions
-        budget = self.policy.budget(len(self.rows)) if self.draft else None
-        trees = []
+        budget = self.policy.next_budget(len(self.rows)) if self.draft else None
+        trees, proposed = [], []
         for row in self.rows:
             run = row.run
             # An accepted path of depth d emits d + 1 tokens: never draft past the token limit
@@ -265,14 +410,16 @@ class Scheduler:
                 room = min(room, max_positions - len(row.context) - 1)
             if row.session is None or budget is None or room <= 0:
                 trees.append(DraftTree.root_only(row.context[-1]))
+                proposed.append(False)
             else:
                 trees.append(row.session.propose(row.context, Budget(budget.nodes, min(budget.depth, room))))
-        return trees, budget.nodes if budget else 0
+                proposed.append(True)
+        return trees, budget.nodes if budget else 0, proposed
 
     def _step(self) -> None:
         stats = self.stats
         t0 = time.perf_counter()
-        trees, nodes = self._trees()
+        trees, nodes, proposed = self._trees()
         t1 = time.perf_counter()
         logits = self.batch.verify(trees)
         t2 = time.perf_counter()
@@ -297,21 +444,28 @@ class Scheduler:
         stats.draft_nodes_per_row = nodes
         stats.forward_s += t2 - t1
         finished = list(failed)
-        for row, tree, tokens in zip(self.rows, trees, emitted, strict=True):
+        drafted_rows = drafted_accepted = drafted_nodes = 0
+        for i, (row, tree, tokens) in enumerate(zip(self.rows, trees, emitted, strict=True)):
             if row in failed:
                 continue
             stats.emitted += len(tokens)
             stats.draft_tokens += len(tree) - 1
             stats.accepted_draft += len(tokens) - 1
-            if self._commit_tokens(row, tree, tokens):
+            if proposed[i]:  # rows given a budget (a drafter may still find nothing: that counts too)
+                drafted_rows += 1
+                drafted_accepted += len(tokens) - 1
+                drafted_nodes += len(tree) - 1
+            if self._commit_tokens(row, tree, tokens, row_logits=logits[i], nodes=accepted[i]):
                 finished.append(row)
+        self.policy.observe(nodes, drafted_rows, drafted_accepted, drafted_nodes)
         stats.draft_s += (t1 - t0) + (time.perf_counter() - t3)
         if finished:
             self.batch.remove([r.id for r in finished])
             self.rows = [r for r in self.rows if r not in finished]
             stats.failed += len(failed)
 
-    def _commit_tokens(self, row: Request, tree: DraftTree, tokens: list[int]) -> bool:
+    def _commit_tokens(self, row: Request, tree: DraftTree, tokens: list[int], row_logits=None,
+                       nodes: list[int] | None = None) -> bool:
         """Append one step's tokens through the engine's stop logic; stream new text. True when done."""
         run = row.run
         max_positions = self.engine.max_positions
@@ -323,7 +477,10 @@ class Scheduler:
         s.accepted.append(kept)
         s.new_tokens = len(run.ids)
         if row.session is not None:
-            row.session.observe(tokens)
+            if row.observe_all:
+                row.session.observe(tokens, tree=tree, logits=row_logits, nodes=nodes)
+            else:
+                row.session.observe(tokens)
         done = (run.finish_reason == "stop" or len(run.ids) >= run.max_new_tokens
                 or (max_positions is not None and len(row.context) >= max_positions))
         text = run.text(final=done)

@@ -1,0 +1,156 @@
+"""Reports: results.json (every record + the summary), results.md (tables) and PNG plots."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .stats import BASELINE, Record
+
+
+def _f(x, fmt: str = ".2f", none: str = "–") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def equality_cell(g: dict) -> str:
+    """'6/6' or '4/6 (2 near-ties)'; '–' where nothing was compared (the baseline, sampling)."""
+    if not g.get("compared"):
+        return "–"
+    cell = f"{g['same_as_baseline']}/{g['compared']}"
+    if g["divergences"] and g.get("near_tie_checked"):
+        cell += f" ({g['near_ties']}/{g['divergences']} near-ties)"
+    return cell
+
+
+def markdown(results: dict) -> str:
+    meta, summary = results["meta"], results["summary"]
+    methods, categories = meta["methods"], meta["categories"]
+    by_cat, overall = summary["by_category"], summary["overall"]
+    lines = [f"# Benchmark: {meta['model']} ({meta['dtype']}, {meta['mode']})", ""]
+    lines += [f"`{meta['command']}`", ""]
+    load = meta.get("load_average") or []
+    busy = f" (1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)" \
+        if len(load) == 2 and None not in load else ""
+    lines += [f"{meta['machine']}{busy}; torch {meta['torch']}, transformers {meta['transformers']}; "
+              f"{meta['prompts']} prompts ({meta['limit']} per category, test split), "
+              f"max {meta['max_new_tokens']} new tokens; {meta['definitions']['cold']} "
+              f"{meta['definitions']['warm']}", ""]
+    lines += ["## Speedup over transformers greedy `generate()` (geometric mean of per-prompt ratios)", ""]
+    lines += ["| method | " + " | ".join(categories) + " | all (geomean of categories) |",
+              "|---|" + "---:|" * (len(categories) + 1)]
+    for m in methods:
+        if m == BASELINE:
+            continue
+        cells = [_f(by_cat[m].get(c, {}).get("speedup_geomean")) + "x" for c in categories]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{_f(overall[m].get('speedup_geomean'))}x** |")
+    lines += ["", "## Per method and category", ""]
+    lines += ["| category | method | tok/s median [p25–p75] | speedup geomean [min–max] | accepted tok/step "
+              "| draft nodes/step | draft share | model-forward share | same tokens as baseline |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in categories:
+        for m in methods:
+            g = by_cat[m].get(c)
+            if not g:
+                continue
+            tps = f"{_f(g['tokens_per_s_median'], '.1f')} [{_f(g['tokens_per_s_p25'], '.1f')}–" \
+                  f"{_f(g['tokens_per_s_p75'], '.1f')}]"
+            sp = "1.00x" if m == BASELINE else \
+                f"{_f(g['speedup_geomean'])}x [{_f(g['speedup_min'])}–{_f(g['speedup_max'])}]"
+            lines.append(f"| {c} | {m} | {tps} | {sp} | {_f(g['mean_accepted'])} "
+                         f"| {_f(g.get('mean_tree_nodes'), '.1f')} | {_pct(g['draft_share'])} "
+                         f"| {_pct(g['forward_share'])} | {equality_cell(g)} |")
+    lines += ["", "Columns: tok/s = new tokens / wall time of the whole call (prefill included), per prompt; "
+              "speedup = per-prompt tok/s ratio against the baseline run of the same prompt; accepted tok/step = "
+              "tokens emitted per token-emitting forward of the target (bonus token included; 1.00 = plain "
+              "decoding); draft nodes/step = draft tokens verified per lookahead step (root excluded); "
+              "draft share = drafting time over step time (lookahead: building the draft tree; assisted: "
+              "draft-model forwards over wall time); model-forward share = time inside the target model's "
+              "forward calls over wall time (the rest is drafting, masks, cache compaction, sampling, Python); "
+              "same tokens = identical token ids to the baseline; a divergence is a near-tie when, in a plain "
+              "forward at the first differing position, both tokens' logits are within "
+              f"{meta['near_tie']} of the top logit.", ""]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+
+
+def plot_speedups(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, by_cat, overall = results["meta"], results["summary"]["by_category"], results["summary"]["overall"]
+    methods = [m for m in meta["methods"] if m != BASELINE]
+    groups = list(meta["categories"]) + ["all"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 4.2))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [(by_cat[m].get(c, {}).get("speedup_geomean") if c != "all" else overall[m].get("speedup_geomean"))
+                or 0.0 for c in groups]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, vals, width, label=m)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("speedup over model.generate() (geomean)")
+    ax.set_title(f"{meta['model']} · {meta['dtype']} · {meta['mode']} · {meta['max_new_tokens']} new tokens")
+    ax.legend(fontsize=8, ncols=min(len(methods), 3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accepted(path: Path, results: dict, records: Sequence[Record]) -> bool:
+    """Histogram of tokens emitted per step, per lookahead method and category. False if none."""
+    meta = results["meta"]
+    methods = [m for m in meta["methods"] if any(r.method == m and r.accepted for r in records)]
+    if not methods:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(meta["categories"])
+    top = max(max(r.accepted) for r in records if r.accepted)
+    fig, axes = plt.subplots(1, len(cats), figsize=(3.2 * len(cats), 3.2), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], cats, strict=True):
+        for m in methods:
+            acc = [a for r in records if r.method == m and r.category == c for a in r.accepted]
+            if acc:
+                ax.hist(acc, bins=range(1, top + 2), density=True, histtype="step", linewidth=1.5,
+                        label=f"{m} (mean {sum(acc) / len(acc):.2f})", align="left")
+        ax.set_title(c)
+        ax.set_xlabel("tokens per step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("share of steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_all(out: Path, results: dict, records: Sequence[Record], plots: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    write_json(written[0], results)
+    written[1].write_text(markdown(results))
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("lookahead bench: matplotlib is not installed (pip install -e '.[bench]'); no plots written")
+            return written
+        plot_speedups(out / "speedup.png", results)
+        written.append(out / "speedup.png")
+        if plot_accepted(out / "accepted_hist.png", results, records):
+            written.append(out / "accepted_hist.png")
+    return written

@@ -1,0 +1,114 @@
+"""The fused drafter: every draft source in one best-first tree, sized by measured cost.
+
+`DraftState` is what lives across requests (shared trie, recycle table, calibration, per-source
+statistics, cost curve); `Drafter` is one request's view of it, with the two calls the decode
+loop uses: `propose(context, budget)` and `observe(tokens, tree, logits, nodes)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tree import DraftTree
+from .budget import Calibration, CostModel, best_size
+from .fusion import Budget, ScoredTree, build_tree
+from .ngram import NgramIndex
+from .recycle import RecycleTable
+from .trie import TokenTrie
+
+SOURCES = ("prompt", "history", "recycle", "ngram")
+PROBE_EVERY, PROBE_NODES = 8, 4  # with measured sizing: after 8 draftless steps, verify 4 nodes once
+
+
+@dataclass
+class SourceStats:
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Acceptance rate with a weak 0.5 prior, so a new source starts with a fair weight."""
+        return (self.accepted + 1) / (self.proposed + 2)
+
+
+@dataclass
+class DraftState:
+    trie: TokenTrie
+    recycle: RecycleTable | None = None
+    sources: tuple[str, ...] = SOURCES
+    cost: CostModel | None = None  # None: fixed budget, always used in full
+    calibration: Calibration = field(default_factory=Calibration)
+    stats: dict[str, SourceStats] = field(default_factory=dict)
+    idle: int = 0  # consecutive steps that drafted nothing
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sources) - set(SOURCES)
+        if unknown or not self.sources:
+            raise ValueError(f"unknown draft sources {sorted(unknown)}; choose from {SOURCES}")
+        self.stats = {name: self.stats.get(name, SourceStats()) for name in self.sources}
+
+    def drafter(self, prompt: list[int]) -> Drafter:
+        return Drafter(self, prompt)
+
+
+class Drafter:
+    def __init__(self, state: DraftState, prompt: list[int]) -> None:
+        self.state = state
+        self.session = state.trie.session(prompt) if {"prompt", "history"} & set(state.sources) else None
+        self.ngram = NgramIndex() if "ngram" in state.sources else None
+        if self.ngram:
+            self.ngram.extend(prompt)
+        self.last: ScoredTree | None = None
+        self.stats = {name: SourceStats() for name in state.sources}  # this request's share of state.stats
+
+    def propose(self, context: list[int], budget: Budget) -> DraftTree:
+        state = self.state
+        weights = {name: s.rate for name, s in state.stats.items()}
+        with state.trie.lock:
+            cursors = {}
+            if self.session:
+                for name, (_, cursor) in self.session.cursors(context).items():
+                    if name in weights:
+                        cursors[name] = (weights[name], cursor)
+            if state.recycle is not None and "recycle" in weights:
+                cursors["recycle"] = (weights["recycle"], state.recycle.cursor(context[-1]))
+            if self.ngram:
+                cursors["ngram"] = (weights["ngram"], self.ngram.cursor())
+            scored = build_tree(context[-1], cursors, budget)
+        if state.cost is not None:
+            n = best_size(scored.scores[1:], state.cost, state.calibration)
+            # Probe now and then when nothing pays: acceptance is only learned from verified nodes.
+            state.idle = state.idle + 1 if n == 0 else 0
+            if state.idle >= PROBE_EVERY:
+                n, state.idle = min(PROBE_NODES, len(scored.tree) - 1), 0
+            scored = _prefix(scored, n)
+        self.last = scored
+        return scored.tree
+
+    def observe(self, tokens: list[int], tree: DraftTree | None = None, logits: torch.Tensor | None = None,
+                nodes: list[int] | None = None) -> None:
+        """Feed back a step: accepted tokens, and (when given) the verified tree, its logits, accepted nodes."""
+        if self.session:
+            self.session.observe(tokens)
+        if self.ngram:
+            self.ngram.extend(tokens)
+        state = self.state
+        if tree is not None and logits is not None and state.recycle is not None:
+            state.recycle.update(tree.tokens, logits)
+        if self.last is not None and nodes is not None and self.last.tree is tree:
+            kept = set(nodes)
+            flags = [i in kept for i in range(1, len(tree))]
+            state.calibration.observe(self.last.scores[1:], flags)
+            for names, ok in zip(self.last.sources[1:], flags, strict=True):
+                for name in names:
+                    for stats in (state.stats[name], self.stats[name]):
+                        stats.proposed += 1
+                        stats.accepted += ok
+
+
+def _prefix(scored: ScoredTree, n: int) -> ScoredTree:
+    """The first n draft nodes of a best-first tree (a valid tree: parents come first)."""
+    k = n + 1
+    tree = DraftTree(scored.tree.tokens[:k], scored.tree.parents[:k])
+    return ScoredTree(tree, scored.scores[:k], scored.sources[:k])

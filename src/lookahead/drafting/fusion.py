@@ -1,0 +1,77 @@
+"""One draft tree from several sources, grown best-first by estimated path probability.
+
+A source answers, for a position in the tree, "which tokens may come next, and how likely".
+It does so through a cursor: `cursor.next(limit)` returns up to `limit` (token, probability)
+pairs and `cursor.child(token)` the cursor one token further (None where the source knows
+nothing there). The builder mixes the sources live at a node (weighted average of their
+probabilities), merges identical continuations, and pops the most probable path first, so the
+tree holds the `budget.nodes` best paths whatever source proposed them.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..tree import DraftTree
+
+
+class Cursor(Protocol):
+    def next(self, limit: int) -> list[tuple[int, float]]: ...
+    def child(self, token: int) -> Cursor | None: ...
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Draft tree size: draft nodes (root excluded) and branch depth."""
+    nodes: int
+    depth: int
+
+
+@dataclass
+class ScoredTree:
+    tree: DraftTree
+    scores: list[float]                 # estimated probability that each node's path is accepted (root: 1)
+    sources: list[frozenset[str]] = field(default_factory=list)  # which sources proposed each node
+
+
+def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budget: Budget) -> ScoredTree:
+    """Best-first tree under `budget`; `cursors` maps source name -> (weight, cursor at the root)."""
+    tokens, parents, scores, sources = [root], [-1], [1.0], [frozenset()]
+    if budget.nodes <= 0 or budget.depth <= 0:
+        return ScoredTree(DraftTree(tokens, parents), scores, sources)
+    depths = [0]
+    frontier: list = []
+    tick = itertools.count()  # tie-break: earlier-pushed first; never compare cursors
+    _push(frontier, tick, 0, 1.0, cursors, budget.nodes)
+    while frontier and len(tokens) <= budget.nodes:
+        neg_score, _, parent, token, names, children = heapq.heappop(frontier)
+        tokens.append(token)
+        parents.append(parent)
+        scores.append(-neg_score)
+        sources.append(names)
+        depths.append(depths[parent] + 1)
+        if depths[-1] < budget.depth:
+            _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens))
+    return ScoredTree(DraftTree(tokens, parents), scores, sources)
+
+
+def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int) -> None:
+    """Push the `limit` most probable continuations of one node, the sources mixed by weight."""
+    if limit <= 0:
+        return
+    live = {name: (w, c) for name, (w, c) in cursors.items() if c is not None and w > 0}
+    total = sum(w for w, _ in live.values())
+    if not total:
+        return
+    merged: dict[int, list] = {}  # token -> [probability, names of the sources proposing it]
+    for name, (w, cursor) in live.items():
+        for token, p in cursor.next(limit):
+            entry = merged.setdefault(token, [0.0, set()])
+            entry[0] += w / total * p
+            entry[1].add(name)
+    for token, (p, names) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
+        # Every live source follows the token, proposer or not: a source may know what comes next.
+        children = {name: (w, cursor.child(token)) for name, (w, cursor) in live.items()}
+        heapq.heappush(frontier, (-score * p, next(tick), parent, token, frozenset(names), children))

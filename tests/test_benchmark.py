@@ -1,0 +1,259 @@
+"""The benchmark harness on tiny random models: aggregation math, equality column, reports, a tiny run."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import fields, replace
+
+import pytest
+import torch
+
+from conftest import IdTokenizer, tiny_model
+from lookahead import DraftConfig, Engine
+from lookahead.benchmark import cost
+from lookahead.benchmark.cli import _check_sampling_supported, _rerender, add_parser
+from lookahead.benchmark.harness import Item, mark_equality, rotated, run_interleaved, warm_pairs, warm_up_methods
+from lookahead.benchmark.methods import Context, parse_method
+from lookahead.benchmark.report import equality_cell, markdown, write_all
+from lookahead.benchmark.stats import Record, first_difference, geomean, median, quantile, speedups, summarize
+
+
+def rec(pid, cat, method, wall, tokens=None, **kw) -> Record:
+    return Record(prompt_id=pid, category=cat, method=method, prompt_tokens=10,
+                  token_ids=tokens if tokens is not None else list(range(10)), wall_s=wall, **kw)
+
+
+# -- math ------------------------------------------------------------------------------------
+def test_geomean_quantiles_first_difference():
+    assert geomean([1, 4]) == pytest.approx(2.0)
+    assert geomean([2.0]) == 2.0 and geomean([]) is None
+    with pytest.raises(ValueError):
+        geomean([1.0, 0.0])
+    assert median([3, 1, 2]) == 2 and median([1, 2, 3, 4]) == 2.5
+    assert quantile([1, 2, 3, 4, 5], 0.25) == 2 and quantile([0, 10], 0.75) == 7.5
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2  # one stopped earlier
+
+
+def test_speedup_is_per_prompt_ratio_and_overall_is_geomean_of_categories():
+    # baseline 10 tokens in 1 s on each prompt; the method is 2x and 8x on "a", 2x on "b".
+    records = [rec("a1", "a", "baseline", 1.0), rec("a1", "a", "fast", 0.5),
+               rec("a2", "a", "baseline", 2.0), rec("a2", "a", "fast", 0.25),
+               rec("b1", "b", "baseline", 1.0), rec("b1", "b", "fast", 0.5)]
+    ratios = speedups(records)
+    assert ratios[("fast", "a1")] == pytest.approx(2) and ratios[("fast", "a2")] == pytest.approx(8)
+    s = summarize(records, ["baseline", "fast"], ["a", "b"])
+    assert s["by_category"]["fast"]["a"]["speedup_geomean"] == pytest.approx(4.0)
+    assert s["by_category"]["fast"]["b"]["speedup_geomean"] == pytest.approx(2.0)
+    assert s["overall"]["fast"]["speedup_geomean"] == pytest.approx(math.sqrt(8))  # categories weigh the same
+    assert s["overall"]["fast"]["speedup_geomean_prompts"] == pytest.approx((2 * 8 * 2) ** (1 / 3))
+    assert s["by_category"]["baseline"]["a"]["speedup_geomean"] == pytest.approx(1.0)
+    a = s["by_category"]["fast"]["a"]
+    assert a["tokens_per_s_median"] == pytest.approx(30.0)  # 20 and 40 tok/s
+    assert (a["tokens_per_s_min"], a["tokens_per_s_max"]) == (20.0, 40.0)
+
+
+def test_accepted_and_draft_share():
+    la = rec("a1", "a", "lookahead", 1.0, accepted=[3, 3, 2, 2], draft_s=0.1, step_s=0.8)
+    hf = rec("a1", "a", "pld", 1.0, forward_calls=4)
+    base = rec("a1", "a", "baseline", 1.0, forward_calls=10)
+    assert la.mean_accepted == 2.5 and la.draft_share == pytest.approx(0.125)
+    assert hf.mean_accepted == 2.5 and hf.draft_share is None
+    assert base.mean_accepted == 1.0
+    s = summarize([la, hf, base], ["baseline", "pld", "lookahead"], ["a"])
+    assert s["by_category"]["lookahead"]["a"]["mean_accepted"] == 2.5
+    assert s["by_category"]["lookahead"]["a"]["draft_share"] == pytest.approx(0.125)
+    assert s["by_category"]["pld"]["a"]["draft_share"] is None
+
+
+# -- equality column ---------------------------------------------------------------------------
+def test_equality_column_and_near_tie_check():
+    model = tiny_model("llama")
+    ids = [5, 6, 7, 8]
+    with torch.inference_mode():
+        top = model(torch.tensor([ids])).logits[0, -1].topk(3)
+    t1, t2, t3 = top.indices.tolist()
+    gap, gap3 = float(top.values[0] - top.values[1]), float(top.values[0] - top.values[2])
+    records = [rec("p", "c", "baseline", 1.0, tokens=[t1, 1, 2]),
+               rec("p", "c", "same", 1.0, tokens=[t1, 1, 2]),
+               rec("p", "c", "tie", 1.0, tokens=[t2, 1, 2]),
+               rec("p", "c", "short", 1.0, tokens=[t1, 1]),
+               rec("p", "c", "third", 1.0, tokens=[t3, 1, 2])]
+    mark_equality(records, {"p": Item("p", "c", ids)}, model, threshold=gap + 1e-6)
+    same, tie, short, third = records[1:]
+    assert third.tie_gap == pytest.approx(gap3, abs=1e-5) and not third.near_tie  # measured from the top
+    assert same.same_as_baseline and same.diverged_at is None
+    assert tie.same_as_baseline is False and tie.diverged_at == 0
+    assert tie.tie_gap == pytest.approx(gap, abs=1e-5) and tie.near_tie
+    assert short.diverged_at == 2 and short.near_tie is False
+    mark_equality(records, {"p": Item("p", "c", ids)}, model, threshold=gap / 2)
+    assert records[2].near_tie is False  # same divergence, a tighter threshold: not a near-tie
+    g = summarize(records, ["baseline", "tie", "same"], ["c"])["by_category"]
+    assert equality_cell(g["same"]["c"]) == "1/1"
+    assert equality_cell(g["tie"]["c"]) == "0/1 (0/1 near-ties)"
+    assert equality_cell(g["baseline"]["c"]) == "–"
+
+
+def test_sampling_counts_equality_without_near_tie_check():
+    records = [rec("p", "c", "baseline", 1.0), rec("p", "c", "x", 1.0, tokens=[9]), rec("p", "c", "y", 1.0)]
+    mark_equality(records, {}, None, threshold=None)
+    assert records[1].same_as_baseline is False and records[1].diverged_at == 0 and records[1].near_tie is None
+    assert records[2].same_as_baseline is True
+
+
+# -- methods -----------------------------------------------------------------------------------
+def test_parse_method_names():
+    assert parse_method("baseline").kind == "baseline"
+    assert parse_method("pld").ngram == 3 and parse_method("pld-n2").ngram == 2
+    assert parse_method("assisted").kind == "assisted"
+    cold, warm = parse_method("lookahead"), parse_method("lookahead-warm")
+    assert (cold.kind, cold.warm, cold.draft_config) == ("lookahead", False, None) and warm.warm
+    v = parse_method("lookahead-warm-n16-d8-m3", DraftConfig(capacity=1000))
+    assert v.warm and (v.draft_config.max_nodes, v.draft_config.max_depth, v.draft_config.max_match) == (16, 8, 3)
+    assert v.draft_config.capacity == 1000
+    with pytest.raises(ValueError):
+        parse_method("medusa")
+
+
+def test_rotation_gives_every_method_every_position():
+    specs = [parse_method(n) for n in ("baseline", "pld", "lookahead")]
+    firsts = [rotated(specs, i)[0].name for i in range(3)]
+    assert sorted(firsts) == ["baseline", "lookahead", "pld"]
+
+
+# -- a tiny end-to-end run ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ctx():
+    model = tiny_model("llama").float()
+    cfg = DraftConfig(max_nodes=8, max_depth=4)
+    if "sizing" in {f.name for f in fields(cfg)}:  # no per-engine cost measurement: keeps the test fast
+        cfg = replace(cfg, sizing="fixed")
+    engine = Engine(model, IdTokenizer(), cfg)
+    # The answers a random model gives to repetitive prompts repeat too: drafts get accepted.
+    items = [Item("t/0", "code", [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]), Item("t/1", "chat", [7, 8, 9, 7, 8, 9, 7])]
+    draft = tiny_model("llama", seed=1).float()
+    ctx = Context(engine, max_new_tokens=12, assistant=draft)
+    answers = {"w/0": {"prompt_tail": [3, 4], "answer": [5, 6, 3, 4, 5, 6]}}
+    ctx.warm_corpus = warm_pairs(answers, [Item("w/0", "code", [1, 3, 4]), Item("w/1", "code", [2])])
+    return ctx, items
+
+
+def test_tiny_end_to_end_run(tiny_ctx, tmp_path):
+    ctx, items = tiny_ctx
+    names = ["baseline", "pld", "pld-n2", "assisted", "lookahead", "lookahead-warm", "lookahead-n4-d2"]
+    specs = [parse_method(n, ctx.engine.draft_config) for n in names]
+    assert len(ctx.warm_corpus) == 1
+    warm_up_methods(ctx, specs, items[1].ids, tokens=2)
+    seen = []
+    records = run_interleaved(ctx, items, specs, progress=seen.append)
+    assert len(records) == len(seen) == len(items) * len(names)
+    mark_equality(records, {it.id: it for it in items}, ctx.model, threshold=1e-3)
+    for r in records:
+        assert r.new_tokens == 12 and r.wall_s > 0 and r.forward_calls >= 1
+        if r.method != "baseline":
+            assert r.same_as_baseline, (r.method, r.prompt_id, r.diverged_at)  # fp32: exact
+    base = [r for r in records if r.method == "baseline"]
+    assert all(r.mean_accepted == 1.0 and r.forward_calls == 12 for r in base)
+    la = [r for r in records if r.method.startswith("lookahead")]
+    assert all(sum(r.accepted) == 12 and r.draft_s is not None for r in la)
+    assert all(r.draft_s is not None for r in records if r.method == "assisted")
+
+    summary = summarize(records, names, ["code", "chat"])
+    results = {"meta": {"command": "lookahead bench --test", "model": "tiny", "dtype": "float32", "mode": "greedy",
+                        "categories": ["code", "chat"], "methods": names, "limit": 1, "prompts": 2,
+                        "max_new_tokens": 12, "machine": "test", "torch": "x", "transformers": "y", "near_tie": 1e-3,
+                        "definitions": {"cold": "cold.", "warm": "warm."}},
+               "summary": summary, "records": [r.to_json() for r in records]}
+    written = write_all(tmp_path, results, records, plots=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["records"]) == len(records)
+    assert Record.from_json(data["records"][0]).token_ids == records[0].token_ids
+    md = (tmp_path / "results.md").read_text()
+    assert md == markdown(results) and "| code | lookahead-warm |" in md and "2/2" not in md
+    assert "| lookahead |" in md and "| 1/1 |" in md
+    assert [p.name for p in written] == ["results.json", "results.md"]
+    (tmp_path / "results.md").unlink()
+    assert _rerender(tmp_path, plots=False) == 0  # `lookahead bench --report DIR`
+    assert (tmp_path / "results.md").read_text() == md
+
+
+def test_plots_are_written(tiny_ctx, tmp_path):
+    pytest.importorskip("matplotlib")
+    ctx, items = tiny_ctx
+    names = ["baseline", "lookahead"]
+    records = run_interleaved(ctx, items[:1], [parse_method(n) for n in names], repeats=2)
+    assert all(len(r.walls) == 2 and r.wall_s == min(r.walls) for r in records)
+    results = {"meta": {"model": "tiny", "dtype": "float32", "mode": "greedy", "categories": ["code"],
+                        "methods": names, "max_new_tokens": 12},
+               "summary": summarize(records, names, ["code"])}
+    from lookahead.benchmark.report import plot_accepted, plot_speedups
+
+    plot_speedups(tmp_path / "s.png", results)
+    assert plot_accepted(tmp_path / "h.png", results, records)
+    assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_trie_scope_prompt_gives_fresh_state_run_keeps_it(tiny_ctx):
+    ctx, _ = tiny_ctx
+    cold, warm = parse_method("lookahead"), parse_method("lookahead-warm")
+    assert len(ctx.engine_for(cold).trie) == 0 and len(ctx.engine_for(warm).trie) > 0
+    assert ctx.engine_for(cold) is not ctx.engine_for(cold)
+    assert ctx.engine_for(cold).model is ctx.model  # one model in memory
+    ctx.trie_scope = "run"
+    try:
+        assert ctx.engine_for(warm) is ctx.engine_for(warm)
+    finally:
+        ctx.trie_scope, ctx._engines = "prompt", {}
+
+
+def test_cost_curve_on_tiny_model(tmp_path):
+    model = tiny_model("qwen2")
+    ids = list(range(1, 60))
+    curve = cost.cost_curve(model, ids, context=32, ks=(1, 2, 4), reps=2, warmup=1)
+    assert curve["ks"] == [1, 2, 4]
+    for path in ("tree", "plain"):
+        assert curve[path]["ratio"][0] == 1.0 and len(curve[path]["median_ms"]) == 3
+    assert "| 4 |" in cost.markdown(curve, "tiny")
+    with pytest.raises(ValueError):
+        cost.cost_curve(model, ids[:10], context=32, ks=(1, 2))
+
+
+# -- command line --------------------------------------------------------------------------------
+def test_bench_parser_and_sampling_check():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--model", "smollm2-135m", "--tasks", "code", "--methods",
+                              "baseline,lookahead", "--limit", "2", "--sampling"])
+    assert args.limit == 2 and args.sampling and args.temperature == 0.7 and args.top_p == 0.9
+
+    class Old:
+        def generate(self, prompt, max_new_tokens=256, stop=None, draft=True): ...
+
+    with pytest.raises(RuntimeError, match="--sampling"):
+        _check_sampling_supported(Old())
+
+    class New:
+        def generate(self, prompt, max_new_tokens=256, stop=None, draft=True, **params): ...
+
+    _check_sampling_supported(New())
+
+
+def test_warm_answers_are_cached_on_disk(tiny_ctx, tmp_path, monkeypatch):
+    from lookahead.benchmark.harness import self_answers, warm_cache_path
+
+    ctx, items = tiny_ctx
+    path = warm_cache_path("tiny/model", "float32", 6, root=tmp_path)
+    assert path.parent == tmp_path / "bench" / "warm" and "float32-6" in path.name
+    answers = self_answers(ctx.engine, items, 6, path, {"model": "tiny"})
+    assert set(answers) == {it.id for it in items} and all(len(a["answer"]) == 6 for a in answers.values())
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(Engine, "generate", no_generation)
+    seen = []
+    assert self_answers(ctx.engine, items, 6, path, {}, progress=seen.append) == answers
+    assert seen == list(items)
+    assert [len(a) for _, a in warm_pairs(answers, items)] == [6, 6]

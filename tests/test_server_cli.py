@@ -1,0 +1,111 @@
+"""`lookahead serve` as a real process: kill -9 and restart keeps the learned trie; SIGTERM saves it.
+
+A tiny random Llama with the embedded model's real tokenizer keeps process start-up short.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lookahead import TokenTrie
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(real_engine, tmp_path_factory):
+    tokenizer = real_engine.tokenizer
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir, trie, port) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lookahead.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
+           "--device", "cpu", "--port", str(port), "--trie", str(trie), "--save-every", "0.2", "--threads", "1",
+           "--served-model-name", "tiny", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not start in time")
+
+
+def ask(port: int, prompt: str) -> dict:
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": prompt, "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def health(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+
+
+def wait_saved(path, nodes: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(TokenTrie.load(path)) == nodes:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never held the {nodes}-node trie")
+
+
+def test_kill_and_restart_keeps_the_trie_and_sigterm_saves(tiny_dir, tmp_path):
+    trie = tmp_path / "shared.trie"
+    port = free_port()
+    proc = serve(tiny_dir, trie, port)
+    try:
+        assert "does not exist yet" in health(port)["trie"]
+        ask(port, "The quick brown fox")
+        learned = health(port)["trie_nodes"]
+        assert learned > 0
+        wait_saved(trie, learned)      # the periodic save
+        proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+        proc.wait(30)
+
+        proc = serve(tiny_dir, trie, port)
+        status = health(port)
+        assert status["trie_nodes"] == learned and status["trie"].startswith("loaded")
+        ask(port, "Lorem ipsum dolor sit amet")
+        grown = health(port)["trie_nodes"]
+        assert grown > learned
+        proc.send_signal(signal.SIGTERM)  # graceful: the lifespan saves on the way out
+        proc.wait(60)  # uvicorn re-raises the signal after its graceful shutdown: the exit code is -15
+        assert len(TokenTrie.load(trie)) == grown
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
