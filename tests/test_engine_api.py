@@ -79,7 +79,8 @@ def test_generation_near_the_context_window_never_exceeds_it():
 
 
 def test_stats_report_acceptance_per_draft_source():
-    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(sizing="fixed"))
+    engine = Engine(tiny_model("llama"), IdTokenizer(),
+                    DraftConfig(sizing="fixed", sources=("prompt", "history", "recycle", "ngram")))
     engine.generate(PROMPT, max_new_tokens=20)
     out = engine.generate(PROMPT, max_new_tokens=20)
     assert set(out.stats.sources) == {"prompt", "history", "recycle", "ngram"}

@@ -109,10 +109,10 @@ def test_drafter_records_per_source_acceptance():
 
 def test_engine_drafts_only_what_the_cost_curve_pays_for():
     from conftest import IdTokenizer, hf_greedy, tiny_model
-    from lookahead import Engine
+    from lookahead import DraftConfig, Engine
     from lookahead.drafting.drafter import PROBE_EVERY, PROBE_NODES
     model = tiny_model("llama", seed=1)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="measured"))
     prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
     expected = hf_greedy(model, prompt, 36)
     engine.drafting.cost = CostModel([1, 2], [1.0, 50.0])  # every extra token costs 49 forwards: never pays
@@ -126,14 +126,14 @@ def test_engine_drafts_only_what_the_cost_curve_pays_for():
 
 
 def test_draft_state_saves_the_recycle_table_with_the_trie(tmp_path):
-    from conftest import FIXED, IdTokenizer, tiny_model
-    from lookahead import Engine, TokenTrie
+    from conftest import IdTokenizer, tiny_model
+    from lookahead import DraftConfig, Engine, TokenTrie
     model = tiny_model("qwen2")
-    engine = Engine(model, IdTokenizer(), FIXED)
+    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="fixed", sources=("history", "recycle")))
     engine.generate([3, 4, 5, 3, 4], max_new_tokens=12)
     path = tmp_path / "draft.safetensors"
     engine.save_draft_state(path)
-    again = Engine(model, IdTokenizer(), FIXED, trie=TokenTrie.load(path))
+    again = Engine(model, IdTokenizer(), engine.draft_config, trie=TokenTrie.load(path))
     assert len(again.trie) == len(engine.trie)
     assert torch.equal(again.drafting.recycle.tokens, engine.drafting.recycle.tokens)
 

@@ -27,6 +27,7 @@ import torch
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.decoding.sampling import Sampler
+from lookahead.drafting.drafter import SOURCES
 
 N = 800
 ALPHA = 1e-3
@@ -62,7 +63,7 @@ def peaked_engine() -> Engine:
         model.lm_head.weight.mul_(60)  # random logits ~N(0, 0.03) -> a top token near p = 0.5
     # A fixed 24-node budget: the trees (and so the power against branch-wise biases) do not
     # depend on how fast this machine runs the cost calibration.
-    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="fixed"))
+    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="fixed", sources=SOURCES))
     for i in range(50):  # warm the shared trie on the model's own samples
         engine.generate(PROMPT, max_new_tokens=6, seed=10**6 + i, **PARAMS)
     return engine
