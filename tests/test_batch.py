@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from conftest import IdTokenizer, hf_greedy, tiny_model
+from conftest import FIXED, IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftTree, Engine
 from lookahead.decoding.batch import BatchVerifier
 from lookahead.server.scheduler import DraftPolicy, Event, Request, Scheduler
@@ -135,7 +135,7 @@ def run_all(engine: Engine, jobs: list[tuple], **scheduler_args) -> tuple[list, 
 def test_continuous_batching_equals_transformers_greedy(arch):
     """Rows of different lengths and limits join as others finish; each equals model.generate()."""
     model = tiny_model(arch, seed=1)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     base = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
     jobs = [(base, 30), (base[3:], 12), ([3, 4], 20), (base + base[:5], 25), ([7], 9), (base, 30)]
     expected = [hf_greedy(model, p, n) for p, n in jobs]
@@ -149,7 +149,7 @@ def test_seeded_sampling_in_a_batch_equals_each_request_alone():
     """Every row samples with its own generator: a batch changes nobody's draws (with or without drafts)."""
     pytest.importorskip("lookahead.decoding.sampling")
     model = tiny_model("gemma3", seed=2)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     base = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
     params = [dict(do_sample=True, temperature=t, top_k=0, top_p=p, seed=s)
               for t, p, s in ((1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 1.0, 3), (1.0, 1.0, 1))]
@@ -164,7 +164,7 @@ def test_seeded_sampling_in_a_batch_equals_each_request_alone():
 
 def test_drafting_off_is_plain_batched_decoding():
     model = tiny_model("qwen2", seed=1)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     jobs = [([5, 6, 7, 8, 5, 6, 7], 10), ([9, 1], 10)]
     runs, scheduler = run_all(engine, jobs, draft=False)
     assert [r.ids for r in runs] == [hf_greedy(model, p, n) for p, n in jobs]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import IdTokenizer, tiny_model
+from conftest import FIXED, IdTokenizer, tiny_model
 from lookahead import DraftTree, Engine, SamplingParams
 from lookahead.decoding.sampling import PresenceFrequencyPenalty, Sampler
 from lookahead.decoding.verify import accept_walk
@@ -91,7 +91,7 @@ GREEDY_SETTINGS = [
 @pytest.mark.parametrize("settings", GREEDY_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_greedy_with_processors_equals_model_generate(settings):
     model = tiny_model("llama")
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     expected = hf(model, PROMPT, 16, do_sample=False, **settings)
     engine.generate(PROMPT, max_new_tokens=16, **settings)  # the trie learns the output: drafts accepted
     out = engine.generate(PROMPT, max_new_tokens=16, **settings)
@@ -102,7 +102,7 @@ def test_greedy_with_processors_equals_model_generate(settings):
 def test_processors_equal_model_generate_on_every_architecture(arch):
     settings = dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[7], [30, 5]])
     model = tiny_model(arch)
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     expected = hf(model, PROMPT, 16, do_sample=False, **settings)
     engine.generate(PROMPT, max_new_tokens=16, **settings)
     out = engine.generate(PROMPT, max_new_tokens=16, **settings)
@@ -112,7 +112,7 @@ def test_processors_equal_model_generate_on_every_architecture(arch):
 def test_min_new_tokens_counts_the_path_of_each_node():
     model = tiny_model("gemma3")
     model.generation_config.eos_token_id = hf(model, PROMPT, 1)[0]  # greedy stops after one token
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     assert len(engine.generate(PROMPT, max_new_tokens=20).token_ids) == 1
     expected = hf(model, PROMPT, 20, min_new_tokens=6)
     assert len(expected) > 6
@@ -123,7 +123,7 @@ def test_min_new_tokens_counts_the_path_of_each_node():
 
 def test_presence_frequency_equal_model_generate_with_the_same_processor():
     model = tiny_model("qwen3")
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     proc = PresenceFrequencyPenalty(0.8, 0.4, prompt_len=len(PROMPT))
     expected = hf(model, PROMPT, 20, do_sample=False, logits_processor=[proc])
     engine.generate(PROMPT, max_new_tokens=20, presence_penalty=0.8, frequency_penalty=0.4)
@@ -142,7 +142,7 @@ def test_seeded_sampling_draws_what_model_generate_draws(settings):
     """One draw per emitted token from a per-request generator: with the same seed, transformers'
     sampler, plain decoding and tree decoding make the same draws from the same distributions."""
     model = tiny_model("llama")
-    engine = Engine(model, IdTokenizer())
+    engine = Engine(model, IdTokenizer(), FIXED)
     for seed in (1, 2):
         expected = hf(model, PROMPT, 24, seed=seed, **settings)
         first = engine.generate(PROMPT, max_new_tokens=24, seed=seed, **settings)
@@ -153,7 +153,7 @@ def test_seeded_sampling_draws_what_model_generate_draws(settings):
 
 
 def test_same_seed_same_output_other_seed_other_output():
-    engine = Engine(tiny_model("qwen2"), IdTokenizer())
+    engine = Engine(tiny_model("qwen2"), IdTokenizer(), FIXED)
     runs = [engine.generate(PROMPT, max_new_tokens=16, do_sample=True, seed=s).token_ids for s in (7, 7, 8)]
     assert runs[0] == runs[1] != runs[2]
     params = SamplingParams(do_sample=True, temperature=0.8, seed=7)
@@ -163,7 +163,7 @@ def test_same_seed_same_output_other_seed_other_output():
 
 
 def test_temperature_zero_is_greedy():
-    engine = Engine(tiny_model("llama"), IdTokenizer())
+    engine = Engine(tiny_model("llama"), IdTokenizer(), FIXED)
     greedy = engine.generate(PROMPT, max_new_tokens=12).token_ids
     assert engine.generate(PROMPT, max_new_tokens=12, do_sample=True, temperature=0.0).token_ids == greedy
 
@@ -176,7 +176,7 @@ def test_temperature_zero_is_greedy():
     ("bad_words_ids", [[-1]]), ("min_new_tokens", -2), ("seed", -1), ("seed", "abc"), ("do_sample", "yes"),
 ])
 def test_invalid_parameters_name_the_parameter(name, value):
-    engine = Engine(tiny_model("llama"), IdTokenizer())
+    engine = Engine(tiny_model("llama"), IdTokenizer(), FIXED)
     with pytest.raises(ValueError, match=name):
         engine.generate(PROMPT, max_new_tokens=4, **{"do_sample": True, name: value})
     with pytest.raises(ValueError, match=name):
@@ -184,7 +184,7 @@ def test_invalid_parameters_name_the_parameter(name, value):
 
 
 def test_unknown_parameters_are_refused_with_a_suggestion():
-    engine = Engine(tiny_model("llama"), IdTokenizer())
+    engine = Engine(tiny_model("llama"), IdTokenizer(), FIXED)
     with pytest.raises(ValueError, match="unknown generation parameter 'temprature'.*did you mean 'temperature'"):
         engine.generate(PROMPT, temprature=0.5)
     with pytest.raises(ValueError, match="unknown generation parameter 'num_beams'"):
@@ -192,7 +192,7 @@ def test_unknown_parameters_are_refused_with_a_suggestion():
 
 
 def test_bad_word_outside_the_vocabulary_fails_at_the_call():
-    engine = Engine(tiny_model("llama"), IdTokenizer())
+    engine = Engine(tiny_model("llama"), IdTokenizer(), FIXED)
     with pytest.raises(ValueError, match="bad_words_ids"):
         engine.stream(PROMPT, bad_words_ids=[[VOCAB + 5]])
 
@@ -206,7 +206,7 @@ def test_numbers_are_normalised_for_transformers():
     params = SamplingParams(repetition_penalty=2, temperature=1, seed=torch.tensor(3).numpy()[()])
     assert isinstance(params.repetition_penalty, float) and isinstance(params.temperature, float)
     assert type(params.seed) is int
-    Engine(tiny_model("llama"), IdTokenizer()).generate(PROMPT, max_new_tokens=2, sampling=params)
+    Engine(tiny_model("llama"), IdTokenizer(), FIXED).generate(PROMPT, max_new_tokens=2, sampling=params)
 
 
 def test_params_from_a_generation_config():
