@@ -209,7 +209,7 @@ def test_measured_cost_shrinks_trees_that_cannot_pay():
     small_trees = DraftPolicy(cost=curve)
     for n in small_trees.sizes():
         for _ in range(3):
-            small_trees.observe(n, 4, 4, drafted=4 * min(n, 2))
+            small_trees.observe(n, 4, 4, padded=min(n, 2))
     assert small_trees.expected_size(24) == 2 and small_trees.rate(8, 24) == small_trees.rate(8, 2)
     nothing = learned(lambda n: 0.0)
     assert [nothing.nodes_per_row(b) for b in batches] == [0] * len(batches)
@@ -223,3 +223,14 @@ def test_measured_cost_shrinks_trees_that_cannot_pay():
     assert bigger == min(n for n in fresh.sizes() if n > chosen)
     fresh.observe(bigger, 2, 0)
     assert fresh.gains[bigger] == 0.0 and fresh.counts[bigger] == 1
+    fresh.observe(bigger, 2, 8)  # a plain mean while a budget has few observations: one bad step is not sticky
+    assert fresh.gains[bigger] == 2.0
+    # Forwards slower than the curve says (e.g. many short rows) make drafting at that batch size dearer.
+    steady = learned(lambda n: min(n, 6) * 0.6)
+    before = steady.nodes_per_row(8)
+    assert before > 0
+    for _ in range(20):
+        steady.observe_forward(8, 0, 8, curve(8))                     # plain steps: as the curve says
+        steady.observe_forward(8, before, 8 * (before + 1), 3 * curve(8 * (before + 1)))  # drafting: 3x dearer
+    assert steady.correction(8, before) == pytest.approx(3.0) and steady.correction(8, 0) == pytest.approx(1.0)
+    assert steady.nodes_per_row(8) < before and steady.nodes_per_row(4) == copy_heavy.nodes_per_row(4)

@@ -352,16 +352,17 @@ def _bench(args) -> int:
             "load_average": [load_before, _loadavg()],  # 1-minute load at the start and end of the timed part
             **_versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "definitions": {
-                "cold": ("lookahead = cold: every prompt starts from an empty shared trie (it drafts from the "
-                         "prompt and its own output only)." if args.trie_scope == "prompt" else
-                         "lookahead = cold: the run starts from an empty shared trie that learns from every "
-                         "prompt run before (method order rotates; prompts run in order)."),
+                "cold": ("lookahead = cold: every prompt starts from a fresh engine state (empty shared trie, "
+                         "empty recycle table), so it drafts from the prompt and its own output only."
+                         if args.trie_scope == "prompt" else
+                         "lookahead = cold: the run starts from a fresh engine state (empty shared trie and "
+                         "recycle table) that learns from every prompt run before (prompts run in order)."),
                 "warm": (f"lookahead-warm: the shared trie first learns the model's own greedy answers to "
                          f"{args.warm_limit} train prompts per category (cached on disk)" if args.warm_source == "self"
                          else f"lookahead-warm: the shared trie first learns the dataset reference answers of "
                               f"{args.warm_limit} train prompts per category")
-                        + (", restored before every prompt." if args.trie_scope == "prompt" else
-                           ", then keeps learning across the run."),
+                        + (" (the rest of the state starts empty), restored before every prompt."
+                           if args.trie_scope == "prompt" else ", then keeps learning across the run."),
             },
         },
         "summary": summary,

@@ -89,20 +89,25 @@ def plot_speedups(path: Path, results: dict) -> None:
     meta, by_cat, overall = results["meta"], results["summary"]["by_category"], results["summary"]["overall"]
     methods = [m for m in meta["methods"] if m != BASELINE]
     groups = list(meta["categories"]) + ["all"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 4.2))
-    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(2.0 + (0.9 + 0.25 * len(methods)) * len(groups), 4.8))
+    width = 0.84 / max(len(methods), 1)
+    top = 1.0
     for j, m in enumerate(methods):
         vals = [(by_cat[m].get(c, {}).get("speedup_geomean") if c != "all" else overall[m].get("speedup_geomean"))
                 or 0.0 for c in groups]
+        top = max(top, *vals)
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
         bars = ax.bar(xs, vals, width, label=m)
         for b, v in zip(bars, vals, strict=True):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.01 * top, f"{v:.2f}", ha="center", va="bottom",
+                    fontsize=6.5, rotation=90 if len(methods) > 4 else 0)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_ylim(0, top * 1.18)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("speedup over model.generate() (geomean)")
     ax.set_title(f"{meta['model']} · {meta['dtype']} · {meta['mode']} · {meta['max_new_tokens']} new tokens")
-    ax.legend(fontsize=8, ncols=min(len(methods), 3))
+    ax.legend(fontsize=8, ncols=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.08),
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

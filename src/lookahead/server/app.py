@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -273,8 +274,10 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         if req.stream:
             metrics.count(path, 200)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            # The background task also frees the slot if the stream never started (client gone at once).
             return StreamingResponse(stream(gen, rid, now, chat, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(scheduler.cancel, gen))
         pieces, done = [], None
         try:
             while done is None:

@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                        help="with --no-calibrate: query tokens per forward drafts may fill (per row: budget // batch"
                        " - 1; default 32)")
     serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at batch size 1")
+    serve.add_argument("--sizing", choices=["measured", "fixed"], default=None,
+                       help="the engine drafter's own per-request tree sizing (DraftConfig.sizing)")
     serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
     serve.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
@@ -58,9 +60,14 @@ def add_parser(sub) -> None:
 
 
 def _draft_config(args: argparse.Namespace):
+    from dataclasses import fields
+
     from ..engine import DraftConfig
     sizes = {k: v for k, v in (("max_nodes", getattr(args, "max_nodes", None)), ("max_depth", args.max_depth),
-                               ("capacity", args.trie_capacity)) if v is not None}
+                               ("capacity", args.trie_capacity), ("sizing", getattr(args, "sizing", None)))
+             if v is not None}
+    if "sizing" in sizes and "sizing" not in {f.name for f in fields(DraftConfig)}:
+        raise ValueError("--sizing needs an engine with DraftConfig.sizing")
     return DraftConfig(**sizes)
 
 

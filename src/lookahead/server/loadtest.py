@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODES = {"adaptive": [], "plain": ["--no-draft"], "fixed": ["--no-calibrate", "--token-budget", "100000"]}
+MODES = {"adaptive": [], "plain": ["--no-draft"],
+         "fixed": ["--no-calibrate", "--token-budget", "100000", "--sizing", "fixed"]}
 
 
 def start_server(port: int, mode: str, args: argparse.Namespace) -> subprocess.Popen:
@@ -52,7 +54,7 @@ def start_server(port: int, mode: str, args: argparse.Namespace) -> subprocess.P
            "--max-batch", str(max(args.concurrency)), *MODES[mode]]
     if args.model:
         cmd += ["--model", args.model]
-    log = open(Path(args.out).with_suffix(f".{mode}.log"), "w")  # noqa: SIM115
+    log = open(Path(tempfile.gettempdir()) / f"lookahead-loadtest-{mode}-{port}.log", "w")  # noqa: SIM115
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -141,6 +143,9 @@ class Cell:
     draft_nodes_per_row: float | None = None
     accepted_per_row_step: float | None = None
     mean_batch: float | None = None
+    forward_ms_per_step: float | None = None   # batched verify forward
+    other_ms_per_step: float | None = None     # drafting, accept, stop checks, streaming (decode thread)
+    prefill_s: float | None = None
     policy: dict | None = None         # the drafting server's policy after the cell (/health)
 
 
@@ -211,7 +216,11 @@ class Tally:
         if row_steps:
             cell.draft_nodes_per_row = d["lookahead_draft_tokens_total"] / row_steps
             cell.accepted_per_row_step = d["lookahead_generated_tokens_total"] / row_steps
-            cell.mean_batch = row_steps / max(d["lookahead_decode_steps_total"], 1)
+            steps = max(d["lookahead_decode_steps_total"], 1)
+            cell.mean_batch = row_steps / steps
+            cell.forward_ms_per_step = 1000 * d.get("lookahead_forward_seconds_total", 0.0) / steps
+            cell.other_ms_per_step = 1000 * d.get("lookahead_draft_seconds_total", 0.0) / steps
+            cell.prefill_s = d.get("lookahead_prefill_seconds_total")
         if mode == "adaptive":
             cell.policy = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=10).json().get("draft_policy")
         return cell
@@ -223,8 +232,8 @@ def fmt(v: float | None) -> str:
 
 def table(cells: list[Cell]) -> str:
     lines = ["| concurrency | drafting | output tok/s | vs plain | p50 latency (s) | p95 latency (s) | p50 TTFT (s) | "
-             "draft nodes/row | tokens/row-step | mean batch |",
-             "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "draft nodes/row | tokens/row-step | mean batch | ms/step (forward + other) |",
+             "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     plain = {c.concurrency: c for c in cells if c.mode == "plain"}
     order = {"adaptive": 0, "fixed": 1, "plain": 2}
     for c in sorted(cells, key=lambda c: (c.concurrency, order.get(c.mode, 3))):
@@ -232,7 +241,8 @@ def table(cells: list[Cell]) -> str:
         speed = f"{c.tok_per_s / base.tok_per_s:.2f}x" if base and c.mode != "plain" else "-"
         lines.append(f"| {c.concurrency} | {c.mode} | {c.tok_per_s:.1f} | {speed} | {c.latency_p50_s:.1f} | "
                      f"{c.latency_p95_s:.1f} | {c.ttft_p50_s:.2f} | {fmt(c.draft_nodes_per_row)} | "
-                     f"{fmt(c.accepted_per_row_step)} | {fmt(c.mean_batch)} |")
+                     f"{fmt(c.accepted_per_row_step)} | {fmt(c.mean_batch)} | "
+                     f"{c.forward_ms_per_step or 0:.0f} + {c.other_ms_per_step or 0:.0f} |")
     return "\n".join(lines)
 
 

@@ -62,6 +62,7 @@ class Request:
         self.sink = sink
         self.draft = draft
         self.cancelled = False
+        self.finished = False
         self.created = time.perf_counter()
         # Owned by the decode thread once admitted.
         self.context: list[int] = list(run.prompt)
@@ -139,16 +140,19 @@ class DraftPolicy:
     With a measured `cost` curve (what `lookahead serve` does at start), each step picks the
     per-row budget n that maximises the expected tokens per second of the whole batch,
 
-        rate(n) = (1 + g(n)) / (t(batch * (1 + s(n))) / t(batch)),      rate(0) = 1 (plain decoding),
+        rate(n) = (1 + g(n)) * T(batch, 0) / T(batch, n),      rate(0) = 1 (plain decoding),
 
-    where g(n) is the number of draft tokens a row gets accepted per step with budget n and s(n)
-    the number of draft nodes its tree really has (drafters often find fewer than the budget):
-    running means per budget measured on live traffic. Budgets not tried yet are extrapolated
-    from the nearest measured one m: g(m) * sqrt(n / m) (a bigger tree wins less than
-    proportionally) and min(n, s(m) * n / m).
+    where g(n) is the number of draft tokens a row gets accepted per step with budget n, and
+    T(batch, n) the time of one step: the curve at batch * (1 + s(n)) query tokens, s(n) being
+    the draft nodes every row is padded to (the largest tree of the step; drafters often find
+    fewer than the budget), times a correction c(batch, n) = measured / curve time learned from
+    the step's own forwards (the start-up curve knows total tokens only, not how they split
+    into rows, nor today's load). All are running means measured on live traffic. Budgets not
+    tried yet are extrapolated from the nearest tried one m: g(m) * sqrt(n / m) (a bigger tree
+    wins less than proportionally), min(n, s(m) * n / m), and c of the nearest tried budget.
     Drafting is used only when it is predicted to beat plain decoding by `margin`; every
     `explore_every` steps the next bigger budget is tried so the estimates stay current. As the
-    batch grows, t(batch * (n + 1)) / t(batch) grows, so trees shrink and then switch off.
+    batch grows, T(batch, n) / T(batch, 0) grows, so trees shrink and then switch off.
 
     Without a cost curve: each row gets `token_budget // batch - 1` nodes (at most `max_nodes`),
     off below `min_nodes`.
@@ -165,6 +169,8 @@ class DraftPolicy:
     gains: dict[int, float] = field(default_factory=dict)   # budget -> accepted draft tokens per row-step
     used: dict[int, float] = field(default_factory=dict)    # budget -> draft nodes per drafted row
     counts: dict[int, int] = field(default_factory=dict)
+    corrections: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, budget) -> measured/curve
+    forward_counts: dict[tuple[int, int], int] = field(default_factory=dict)
     steps: int = 0
 
     def sizes(self) -> list[int]:
@@ -186,12 +192,33 @@ class DraftPolicy:
         near = self._nearest(nodes)
         return float(nodes) if near is None else min(float(nodes), self.used[near] * nodes / near)
 
+    def correction(self, batch: int, nodes: int) -> float:
+        seen = [n for b, n in self.corrections if b == batch]
+        if not seen:
+            return 1.0
+        near = min(seen, key=lambda n: (abs(n - nodes), n))
+        return self.corrections[(batch, near)]
+
+    def step_time(self, batch: int, nodes: int) -> float:
+        """Predicted time of one forward of `batch` rows with a budget of `nodes` each."""
+        tokens = batch if nodes == 0 else max(batch + 1, round(batch * (1 + self.expected_size(nodes))))
+        return self.cost(tokens) * self.correction(batch, nodes)
+
     def rate(self, batch: int, nodes: int) -> float:
         """Predicted throughput with a budget of `nodes` per row, relative to plain batched decoding."""
         if nodes == 0:
             return 1.0
-        tokens = max(batch + 1, round(batch * (1 + self.expected_size(nodes))))
-        return (1.0 + self.expected_gain(nodes)) * self.cost(batch) / self.cost(tokens)
+        return (1.0 + self.expected_gain(nodes)) * self.step_time(batch, 0) / self.step_time(batch, nodes)
+
+    def observe_forward(self, batch: int, nodes: int, tokens: int, seconds: float) -> None:
+        """The measured time of one step's forward over `tokens` query tokens (rows x padded tree)."""
+        if self.cost is None or seconds <= 0:
+            return
+        key = (batch, nodes)
+        count = self.forward_counts[key] = self.forward_counts.get(key, 0) + 1
+        ratio = seconds / self.cost(tokens)
+        old = self.corrections.get(key, ratio)
+        self.corrections[key] = old + max(self.smoothing, 1.0 / count) * (ratio - old)
 
     def budget(self, batch: int, explore: bool = False) -> Budget | None:
         batch = max(batch, 1)
@@ -214,15 +241,16 @@ class DraftPolicy:
         self.steps += 1
         return self.budget(batch, explore=self.cost is not None and self.steps % self.explore_every == 0)
 
-    def observe(self, nodes: int, drafted_rows: int, accepted: int, drafted: int | None = None) -> None:
-        """One step with budget `nodes`: `accepted` draft tokens over `drafted_rows` rows whose trees
-        held `drafted` draft nodes in all (default: the full budget)."""
+    def observe(self, nodes: int, drafted_rows: int, accepted: int, padded: int | None = None) -> None:
+        """One step with budget `nodes`: `accepted` draft tokens over `drafted_rows` rows, each tree padded
+        to `padded` draft nodes (the step's largest tree; default: the full budget)."""
         if drafted_rows and nodes:
+            count = self.counts[nodes] = self.counts.get(nodes, 0) + 1
+            weight = max(self.smoothing, 1.0 / count)  # a plain mean until 1/smoothing steps are seen
             for table, mean in ((self.gains, accepted / drafted_rows),
-                                (self.used, (nodes * drafted_rows if drafted is None else drafted) / drafted_rows)):
-                old = table.get(nodes)
-                table[nodes] = mean if old is None else old + self.smoothing * (mean - old)
-            self.counts[nodes] = self.counts.get(nodes, 0) + 1
+                                (self.used, float(nodes if padded is None else padded))):
+                old = table.get(nodes, 0.0)
+                table[nodes] = old + weight * (mean - old)
 
     def nodes_per_row(self, batch: int) -> int:
         budget = self.budget(batch)
@@ -331,7 +359,9 @@ class Scheduler:
             self._cv.notify_all()
 
     def cancel(self, request: Request) -> None:
-        """The client went away: the row leaves the batch before the next forward."""
+        """The client went away: the row leaves the batch before the next forward (no-op once finished)."""
+        if request.finished:
+            return
         request.cancelled = True
         with self._cv:
             self._cv.notify_all()
@@ -444,7 +474,7 @@ class Scheduler:
         stats.draft_nodes_per_row = nodes
         stats.forward_s += t2 - t1
         finished = list(failed)
-        drafted_rows = drafted_accepted = drafted_nodes = 0
+        drafted_rows = drafted_accepted = 0
         for i, (row, tree, tokens) in enumerate(zip(self.rows, trees, emitted, strict=True)):
             if row in failed:
                 continue
@@ -454,10 +484,11 @@ class Scheduler:
             if proposed[i]:  # rows given a budget (a drafter may still find nothing: that counts too)
                 drafted_rows += 1
                 drafted_accepted += len(tokens) - 1
-                drafted_nodes += len(tree) - 1
             if self._commit_tokens(row, tree, tokens, row_logits=logits[i], nodes=accepted[i]):
                 finished.append(row)
-        self.policy.observe(nodes, drafted_rows, drafted_accepted, drafted_nodes)
+        q = max(len(t) for t in trees)
+        self.policy.observe(nodes, drafted_rows, drafted_accepted, padded=q - 1)
+        self.policy.observe_forward(len(trees), nodes, len(trees) * q, t2 - t1)
         stats.draft_s += (t1 - t0) + (time.perf_counter() - t3)
         if finished:
             self.batch.remove([r.id for r in finished])
@@ -488,6 +519,7 @@ class Scheduler:
             row.emit(Event("text", text=text[row.sent:]))
             row.sent = len(text)
         if done:
+            row.finished = True
             s.total_s = time.perf_counter() - row.created
             self.stats.completion_tokens += len(run.ids)
             self.stats.finished += 1
