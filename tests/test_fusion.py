@@ -29,9 +29,33 @@ def test_identical_paths_from_two_sources_are_merged_and_scores_combined():
     scored = build_tree(0, {"a": (1.0, Chain([5, 6, 7], 0.8)), "b": (1.0, Chain([5, 6, 9], 0.6))}, Budget(10, 5))
     assert scored.tree.tokens == [0, 5, 6, 7, 9]
     assert scored.sources[1] == scored.sources[2] == frozenset({"a", "b"})
-    assert scored.scores[1] == pytest.approx(0.7)            # (0.8 + 0.6) / 2
-    assert scored.scores[3] == pytest.approx(0.7 * 0.7 * 0.4)  # then only "a" says 7: 0.8 / 2
+    assert scored.scores[1] == pytest.approx(0.92)           # noisy-OR: 1 - (1 - 0.8)(1 - 0.6)
+    assert scored.scores[3] == pytest.approx(0.92 * 0.92 * 0.8)  # then only "a" says 7
+    assert scored.scores[4] == pytest.approx(0.92 * 0.92 * 0.6)
     assert scored.sources[3] == frozenset({"a"}) and scored.sources[4] == frozenset({"b"})
+
+
+def test_a_confident_chain_is_not_diluted_by_other_live_sources():
+    """One source's long chain keeps its probability however many other sources are live."""
+    chain = {"prompt": (0.9, Chain([5, 6, 7, 8, 9, 10], 1.0))}
+    noise = {f"s{i}": (0.5, Chain([20 + i], 0.3)) for i in range(3)}
+    alone = build_tree(0, chain, Budget(6, 6))
+    mixed = build_tree(0, {**chain, **noise}, Budget(6, 6))
+    assert mixed.tree.tokens[:5] == alone.tree.tokens[:5] == [0, 5, 6, 7, 8]
+    assert mixed.scores[1:5] == pytest.approx(alone.scores[1:5])
+
+
+def test_source_reliability_counts_only_nodes_the_verifier_reached():
+    """A chain that fails at its second node is charged for that node, not for the ones beyond it."""
+    from lookahead.drafting.drafter import DraftState
+    from lookahead.tree import DraftTree
+    state = DraftState(TokenTrie(max_match=1, window=6), sources=("ngram",))
+    drafter = state.drafter([1, 2, 3, 4, 5, 1])
+    tree = drafter.propose([1, 2, 3, 4, 5, 1], Budget(4, 4))
+    assert isinstance(tree, DraftTree) and tree.tokens == [1, 2, 3, 4, 5]
+    drafter.observe([2, 9], tree=tree, logits=torch.zeros(5, 10), nodes=[0, 1])
+    s = state.stats["ngram"]
+    assert (s.proposed, s.accepted, s.reached) == (4, 1, 2) and s.rate == pytest.approx(2 / 4)
 
 
 def test_best_first_order_is_non_increasing_and_any_prefix_is_a_tree():

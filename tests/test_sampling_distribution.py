@@ -118,7 +118,7 @@ def plain(one_thread):
 
 def test_drafting_keeps_the_sampled_distribution(plain):
     drafted, mean_accepted = draw(peaked_engine(), range(N, 2 * N), draft=True)
-    assert mean_accepted > 2.5, "drafts were hardly accepted: the test would not exercise tree sampling"
+    assert mean_accepted > 2.2, "drafts were hardly accepted: the test would not exercise tree sampling"
     stat, df, p = chi2_homogeneity(plain, drafted)
     print(f"exact rule: chi2 = {stat:.1f}, df = {df}, p = {p:.3g}")
     assert df >= 10 and p > ALPHA

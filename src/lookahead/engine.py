@@ -27,7 +27,7 @@ class DraftConfig:
     max_depth: int = 6        # longest branch
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
-    prompt_weight: float = 0.5  # share of the request scope when both scopes know a path
+    prompt_weight: float = 0.5  # trie-only drafting: trust in the request scope vs the shared one (0.5 = equal)
     # Fused into one tree: prompt, history (the tries), recycle, ngram. Fused + measured sizing is the
     # default because it never fell far below plain decoding (open chat 0.93-1.04x) where a fixed
     # tree of the tries alone did (0.56x fp32); on copy chains the tries alone accept more (8.5 vs

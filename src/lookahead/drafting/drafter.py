@@ -23,13 +23,17 @@ PROBE_EVERY, PROBE_NODES = 8, 4  # with measured sizing: after 8 draftless steps
 
 @dataclass
 class SourceStats:
-    proposed: int = 0
-    accepted: int = 0
+    proposed: int = 0   # draft nodes this source proposed
+    accepted: int = 0   # of those, accepted by the model
+    reached: int = 0    # of those, nodes whose parent was accepted (the verifier got to judge them)
 
     @property
     def rate(self) -> float:
-        """Acceptance rate with a weak 0.5 prior, so a new source starts with a fair weight."""
-        return (self.accepted + 1) / (self.proposed + 2)
+        """P(accepted | parent accepted), with a weak 0.5 prior so a new source starts with a fair weight.
+
+        Conditioning on the parent measures one step of a source: a long chain is not blamed for
+        the nodes beyond the first miss."""
+        return (self.accepted + 1) / (self.reached + 2)
 
 
 @dataclass
@@ -97,14 +101,16 @@ class Drafter:
         if tree is not None and logits is not None and state.recycle is not None:
             state.recycle.update(tree.tokens, logits)
         if self.last is not None and nodes is not None and self.last.tree is tree:
-            kept = set(nodes)
+            kept = set(nodes) | {0}
             flags = [i in kept for i in range(1, len(tree))]
             state.calibration.observe(self.last.scores[1:], flags)
-            for names, ok in zip(self.last.sources[1:], flags, strict=True):
+            for i, names in enumerate(self.last.sources[1:], start=1):
+                reached = tree.parents[i] in kept
                 for name in names:
                     for stats in (state.stats[name], self.stats[name]):
                         stats.proposed += 1
-                        stats.accepted += ok
+                        stats.accepted += flags[i - 1]
+                        stats.reached += reached
 
 
 def _prefix(scored: ScoredTree, n: int) -> ScoredTree:

@@ -3,9 +3,15 @@
 A source answers, for a position in the tree, "which tokens may come next, and how likely".
 It does so through a cursor: `cursor.next(limit)` returns up to `limit` (token, probability)
 pairs and `cursor.child(token)` the cursor one token further (None where the source knows
-nothing there). The builder mixes the sources live at a node (weighted average of their
-probabilities), merges identical continuations, and pops the most probable path first, so the
-tree holds the `budget.nodes` best paths whatever source proposed them.
+nothing there). The builder combines the sources live at a node as independent evidence
+(noisy-OR of weight x probability: a token is missed only if every source proposing it is
+wrong), merges identical continuations, and pops the most probable path first, so the tree
+holds the `budget.nodes` best paths whatever source proposed them.
+
+Why noisy-OR and not a weighted average: an average divides a confident source by the number
+of live sources at every level, so a long copy chain that only the prompt knows decays
+geometrically while an always-live source's guesses overtake it (measured: 5.3 instead of 8.5
+accepted tokens per step on a copy task).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ class ScoredTree:
 
 
 def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budget: Budget) -> ScoredTree:
-    """Best-first tree under `budget`; `cursors` maps source name -> (weight, cursor at the root)."""
+    """Best-first tree under `budget`; `cursors` maps source name -> (reliability in [0, 1], cursor at the root)."""
     tokens, parents, scores, sources = [root], [-1], [1.0], [frozenset()]
     if budget.nodes <= 0 or budget.depth <= 0:
         return ScoredTree(DraftTree(tokens, parents), scores, sources)
@@ -58,19 +64,18 @@ def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budge
 
 
 def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int) -> None:
-    """Push the `limit` most probable continuations of one node, the sources mixed by weight."""
+    """Push the `limit` most probable continuations of one node; `w` is a source's reliability in [0, 1]."""
     if limit <= 0:
         return
     live = {name: (w, c) for name, (w, c) in cursors.items() if c is not None and w > 0}
-    total = sum(w for w, _ in live.values())
-    if not total:
-        return
-    merged: dict[int, list] = {}  # token -> [probability, names of the sources proposing it]
+    merged: dict[int, list] = {}  # token -> [probability that every proposer is wrong, proposer names]
     for name, (w, cursor) in live.items():
         for token, p in cursor.next(limit):
-            entry = merged.setdefault(token, [0.0, set()])
-            entry[0] += w / total * p
+            entry = merged.setdefault(token, [1.0, set()])
+            entry[0] *= 1.0 - min(w * p, 1.0)
             entry[1].add(name)
+    for entry in merged.values():
+        entry[0] = 1.0 - entry[0]
     for token, (p, names) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
         # Every live source follows the token, proposer or not: a source may know what comes next.
         children = {name: (w, cursor.child(token)) for name, (w, cursor) in live.items()}

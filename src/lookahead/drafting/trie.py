@@ -222,8 +222,10 @@ class TrieSession:
         trie = self.trie
         request = self.request.match(context, trie.max_match)
         shared = trie.shared.match(context, trie.max_match)
-        return {"prompt": (trie.prompt_weight, request and NodeCursor(request)),
-                "history": (1.0 - trie.prompt_weight, shared and NodeCursor(shared))}
+        # Reliabilities for the noisy-OR builder: the more trusted scope at 1, the other in proportion.
+        top = max(trie.prompt_weight, 1.0 - trie.prompt_weight)
+        return {"prompt": (trie.prompt_weight / top, request and NodeCursor(request)),
+                "history": ((1.0 - trie.prompt_weight) / top, shared and NodeCursor(shared))}
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
         """Best-first draft tree rooted at context[-1], from this trie alone."""
