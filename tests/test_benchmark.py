@@ -113,6 +113,13 @@ def test_parse_method_names():
     v = parse_method("lookahead-warm-n16-d8-m3", DraftConfig(capacity=1000))
     assert v.warm and (v.draft_config.max_nodes, v.draft_config.max_depth, v.draft_config.max_match) == (16, 8, 3)
     assert v.draft_config.capacity == 1000
+    only = parse_method("lookahead-warm-sprompt+history", DraftConfig(max_nodes=5))
+    assert only.warm and only.draft_config.sources == ("prompt", "history") and only.draft_config.max_nodes == 5
+    fixed = parse_method("lookahead-n24-d12-srecycle-fixed").draft_config
+    assert (fixed.max_nodes, fixed.sources, fixed.sizing) == (24, ("recycle",), "fixed")
+    assert parse_method("lookahead-fixed").draft_config.sources == DraftConfig().sources
+    with pytest.raises(ValueError, match="unknown draft sources"):
+        parse_method("lookahead-smedusa")
     with pytest.raises(ValueError):
         parse_method("medusa")
 

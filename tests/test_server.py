@@ -139,6 +139,7 @@ def test_api_key_is_required_when_set(real_engine):
 
 
 def test_models_health_and_metrics(client, server):
+    client.completions.create(model=MODEL, prompt="one two three one two three", max_tokens=4)  # feeds the trie
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(server.url + "/health").json()
@@ -150,6 +151,8 @@ def test_models_health_and_metrics(client, server):
         assert name in text, name
     assert metric(server.url, "lookahead_trie_nodes") == len(server.engine.trie) > 0
     assert metric(server.url, "lookahead_mean_accepted_tokens_per_step") >= 1.0
+    per_source = [line for line in text.splitlines() if line.startswith("lookahead_source_draft_tokens_total{")]
+    assert {line.split('source="')[1].split('"')[0] for line in per_source} == set(server.engine.draft_config.sources)
 
 
 # -- bad input: a 4xx with an OpenAI error body, and the server keeps serving ---------------------

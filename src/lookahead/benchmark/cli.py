@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="code,chat,summary,qa", help="comma-separated categories")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: baseline, pld (n-gram 3), pld-nN, assisted, lookahead (cold trie), "
-                        "lookahead-warm, lookahead[-warm]-nNODES-dDEPTH[-mMATCH] (a DraftConfig variant); "
+                        "lookahead-warm, lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed] "
+                        "(a DraftConfig variant: size, sources, fixed sizing); "
                         f"default {DEFAULT_METHODS} (assisted only where a draft model is known)")
     p.add_argument("--limit", type=int, default=6, help="test prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -5,6 +5,8 @@
 - assisted: transformers assisted generation with a small draft model of the same tokenizer
 - lookahead: this engine with a *cold* trie; lookahead-warm: the trie warmed from the train split
 - lookahead[-warm]-nA-dB-mC: the same with DraftConfig(max_nodes=A, max_depth=B, max_match=C), for tuning
+- ablations: a `-sSRC+SRC` suffix keeps only those draft sources (e.g. `lookahead-sprompt+history`),
+  `-fixed` verifies the whole budget every step instead of the measured size (`lookahead-n24-d12-fixed`)
 
 Every call is timed from outside (wall clock, prefill included). Forward hooks on the target
 (and draft) model count and time their forward calls, which tells where the time goes
@@ -19,12 +21,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..drafting.drafter import SOURCES
 from ..engine import DraftConfig, Engine
 from .stats import BASELINE, Record
 
 PLD_TOKENS = 10
 DEFAULT_PLD_NGRAM = 3
-_LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?$")
+_LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?"
+                        r"(?:-s(?P<src>[a-z]+(?:\+[a-z]+)*))?(?P<fixed>-fixed)?$")
 _PLD = re.compile(r"^pld(?:-n(?P<n>\d+))?$")
 
 
@@ -48,13 +52,21 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
     if m := _LOOKAHEAD.match(name):
         cfg = None
+        if m["n"] or m["src"] or m["fixed"]:
+            cfg = base = base or DraftConfig()
         if m["n"]:
-            base = base or DraftConfig()
-            cfg = replace(base, max_nodes=int(m["n"]), max_depth=int(m["d"]),
+            cfg = replace(cfg, max_nodes=int(m["n"]), max_depth=int(m["d"]),
                           max_match=int(m["m"]) if m["m"] else base.max_match)
+        if m["src"]:
+            sources = tuple(m["src"].split("+"))
+            if unknown := set(sources) - set(SOURCES):
+                raise ValueError(f"method {name!r}: unknown draft sources {sorted(unknown)}; choose from {SOURCES}")
+            cfg = replace(cfg, sources=sources)
+        if m["fixed"]:
+            cfg = replace(cfg, sizing="fixed")
         return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
     raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, lookahead, lookahead-warm, "
-                     "or lookahead[-warm]-nNODES-dDEPTH[-mMATCH]")
+                     "or lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed]")
 
 
 class ForwardMeter:

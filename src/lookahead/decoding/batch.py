@@ -28,19 +28,14 @@ from transformers import DynamicCache
 
 from ..tree import DraftTree
 from .kv import check_cache, new_cache
-from .support import check_supported, layer_types, sliding_window
+from .support import ModelBound
 
 
-class BatchVerifier:
+class BatchVerifier(ModelBound):
     """Owns the KV cache of a ragged batch of sequences, each keyed by a hashable id."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        check_supported(model)
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.types = layer_types(model.config)
-        self.window = sliding_window(model.config)
+        super().__init__(model)
         self.cache: DynamicCache = new_cache()
         self.keys: list[Hashable] = []   # row order == batch index
         self.past: list[int] = []        # committed tokens in each row's cache

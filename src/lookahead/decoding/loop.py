@@ -16,7 +16,7 @@ import torch
 from ..tree import DraftTree
 from .kv import check_cache, compact, new_cache
 from .masks import tree_masks
-from .support import check_supported, layer_types, sliding_window
+from .support import ModelBound
 from .verify import AcceptRule, accept_greedy
 
 
@@ -34,16 +34,11 @@ class Step:
     forward_s: float
 
 
-class TreeVerifier:
+class TreeVerifier(ModelBound):
     """Owns one sequence's KV cache; runs tree forwards and keeps the accepted path."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        check_supported(model)
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.types = layer_types(model.config)
-        self.window = sliding_window(model.config)
+        super().__init__(model)
         self.cache = new_cache()
         self.past = 0
 

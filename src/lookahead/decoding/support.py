@@ -60,3 +60,15 @@ def check_supported(model: torch.nn.Module) -> None:
             "set model.generation_config.cache_implementation = None (dynamic cache)")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError("encoder-decoder models are not supported; use a decoder-only causal LM")
+
+
+class ModelBound:
+    """Base of the verifiers: the model (refused here if unsupported) and the facts masks need."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        check_supported(model)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.types = layer_types(model.config)
+        self.window = sliding_window(model.config)

@@ -5,7 +5,7 @@
 
 Starts one server per mode from the CLI on loopback ports, same model, dtype and threads:
 `adaptive` (the default server: tree size from the measured cost curve and the batch size),
-`plain` (`--no-draft`) and `fixed` (a full 24-node tree per row at every batch size: what
+`plain` (`--no-draft`) and `fixed` (the full `max_nodes` tree per row at every batch size: what
 drafting costs under load without adaptation). For each concurrency c, every mode gets the same
 fresh prompts (a disjoint slice per c, so no server's shared trie has seen an answer it is
 measured on), from c closed-loop streaming clients, in `rounds` rounds whose mode order rotates,
@@ -252,8 +252,8 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"adaptive": ("o-", "lookahead, adaptive tree"), "fixed": ("^:", "lookahead, fixed 24-node tree"),
-              "plain": ("s--", "no draft")}
+    styles = {"adaptive": ("o-", "lookahead, adaptive tree"),
+              "fixed": ("^:", "lookahead, full tree at every batch size"), "plain": ("s--", "no draft")}
     for mode, (style, label) in styles.items():
         cs = sorted((c for c in cells if c.mode == mode), key=lambda c: c.concurrency)
         if not cs:

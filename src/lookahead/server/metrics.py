@@ -66,6 +66,14 @@ class Metrics:
                     s.draft_nodes_per_row)
         yield gauge("lookahead_draft_off_from_batch", "smallest batch size at which drafting is off",
                     self.scheduler.policy.switch_off_batch() if self.scheduler.draft else 0)
+        sources = CounterMetricFamily("lookahead_source_draft_tokens",
+                                      "draft nodes by source: proposed, and accepted by the model",
+                                      labels=["source", "outcome"])
+        state = getattr(self.scheduler.engine, "drafting", None)
+        for name, st in sorted(getattr(state, "stats", {}).items()):
+            sources.add_metric([name, "proposed"], st.proposed)
+            sources.add_metric([name, "accepted"], st.accepted)
+        yield sources
         trie = self.trie()
         yield gauge("lookahead_trie_nodes", "nodes in the shared trie", len(trie))
         yield gauge("lookahead_trie_capacity", "node bound of the shared trie", trie.capacity)
