@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -135,8 +135,7 @@ def test_rotation_gives_every_method_every_position():
 def tiny_ctx():
     model = tiny_model("llama").float()
     cfg = DraftConfig(max_nodes=8, max_depth=4)
-    if "sizing" in {f.name for f in fields(cfg)}:  # no per-engine cost measurement: keeps the test fast
-        cfg = replace(cfg, sizing="fixed")
+    cfg = replace(cfg, sizing="fixed")  # no per-engine cost measurement: keeps the test fast
     engine = Engine(model, IdTokenizer(), cfg)
     # The answers a random model gives to repetitive prompts repeat too: drafts get accepted.
     items = [Item("t/0", "code", [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]), Item("t/1", "chat", [7, 8, 9, 7, 8, 9, 7])]

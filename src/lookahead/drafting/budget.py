@@ -20,6 +20,19 @@ from pathlib import Path
 import torch
 
 
+def piecewise_linear(xs: list[int], ys: list[float], x: float) -> float:
+    """ys interpolated at x over increasing xs; past the last point, the last slope continues."""
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return ys[-1] + slope * (x - xs[-1])
+    i = bisect.bisect_right(xs, x) - 1
+    if i < 0:
+        return ys[0]
+    if xs[i] == x:
+        return ys[i]
+    return ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
 @dataclass
 class CostModel:
     """Verify cost t(k) of one forward over k new tokens, relative to k = 1; linear in between."""
@@ -33,14 +46,7 @@ class CostModel:
         self.times = [t / base for t in self.times]
 
     def __call__(self, k: int) -> float:
-        if k >= self.ks[-1]:  # past the last point: grow linearly with the last slope
-            slope = (self.times[-1] - self.times[-2]) / (self.ks[-1] - self.ks[-2]) if len(self.ks) > 1 else 0.0
-            return self.times[-1] + slope * (k - self.ks[-1])
-        i = bisect.bisect_right(self.ks, k) - 1
-        if self.ks[i] == k:
-            return self.times[i]
-        k0, k1, t0, t1 = self.ks[i], self.ks[i + 1], self.times[i], self.times[i + 1]
-        return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+        return piecewise_linear(self.ks, self.times, k)
 
     @classmethod
     def flat(cls) -> CostModel:

@@ -101,7 +101,7 @@ class Drafter:
         if tree is not None and logits is not None and state.recycle is not None:
             state.recycle.update(tree.tokens, logits)
         if self.last is not None and nodes is not None and self.last.tree is tree:
-            kept = set(nodes) | {0}
+            kept = set(nodes)  # starts with the root
             flags = [i in kept for i in range(1, len(tree))]
             state.calibration.observe(self.last.scores[1:], flags)
             for i, names in enumerate(self.last.sources[1:], start=1):

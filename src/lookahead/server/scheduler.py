@@ -19,8 +19,6 @@ that batch with an error, resets the batch and keeps the thread alive.
 """
 from __future__ import annotations
 
-import bisect
-import inspect
 import itertools
 import logging
 import math
@@ -34,6 +32,7 @@ import torch
 
 from ..decoding.batch import BatchVerifier
 from ..decoding.verify import accept_greedy
+from ..drafting.budget import piecewise_linear
 from ..drafting.trie import Budget
 from ..tree import DraftTree
 
@@ -69,7 +68,6 @@ class Request:
         self.session = None
         self.sent = 0                  # characters of text already sent
         self.accept = getattr(run, "accept", None) or accept_greedy
-        self.observe_all = False       # the drafter also wants the tree, its logits and the accepted nodes
 
     def emit(self, event: Event) -> None:
         try:
@@ -87,16 +85,7 @@ class CostCurve:
         self.tokens, self.seconds = list(tokens), list(seconds)
 
     def __call__(self, total: int) -> float:
-        ts, ss = self.tokens, self.seconds
-        if total <= 1:
-            return ss[0]
-        i = bisect.bisect_left(ts, total)
-        if i == len(ts):  # past the last point: the last slope
-            slope = (ss[-1] - ss[-2]) / (ts[-1] - ts[-2]) if len(ts) > 1 else 0.0
-            return ss[-1] + slope * (total - ts[-1])
-        if ts[i] == total:
-            return ss[i]
-        return ss[i - 1] + (ss[i] - ss[i - 1]) * (total - ts[i - 1]) / (ts[i] - ts[i - 1])
+        return self.seconds[0] if total <= 1 else piecewise_linear(self.tokens, self.seconds, total)
 
     def knee(self, ratio: float = 2.0) -> int:
         """The most query tokens one forward takes for at most `ratio` x the cost of one token."""
@@ -414,7 +403,6 @@ class Scheduler:
                 self.batch.add(request.id, prompt[:-1])
                 if request.draft and self.draft:
                     request.session = new_drafter(self.engine, prompt)
-                    request.observe_all = "logits" in inspect.signature(request.session.observe).parameters
             except Exception as e:  # this request only
                 log.exception("prefill failed for request %d", request.id)
                 if request.id in self.batch:
@@ -508,10 +496,7 @@ class Scheduler:
         s.accepted.append(kept)
         s.new_tokens = len(run.ids)
         if row.session is not None:
-            if row.observe_all:
-                row.session.observe(tokens, tree=tree, logits=row_logits, nodes=nodes)
-            else:
-                row.session.observe(tokens)
+            row.session.observe(tokens, tree=tree, logits=row_logits, nodes=nodes)
         done = (run.finish_reason == "stop" or len(run.ids) >= run.max_new_tokens
                 or (max_positions is not None and len(row.context) >= max_positions))
         text = run.text(final=done)
