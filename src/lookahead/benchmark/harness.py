@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..weights import cache_root
 from .methods import Context, MethodSpec, run_method
 from .stats import BASELINE, Record, first_difference
 
@@ -133,7 +134,7 @@ def slug(text: str) -> str:
 
 
 def warm_cache_path(model: str, dtype: str, max_new_tokens: int, root: str | os.PathLike | None = None) -> Path:
-    root = Path(root or os.environ.get("LOOKAHEAD_CACHE") or Path.home() / ".cache" / "lookahead")
+    root = Path(root) if root else cache_root()
     return root / "bench" / "warm" / f"{slug(model)}-{dtype}-{max_new_tokens}.json"
 
 

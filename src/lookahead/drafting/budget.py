@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from ..weights import cache_root
 
 
 def piecewise_linear(xs: list[int], ys: list[float], x: float) -> float:
@@ -99,27 +98,26 @@ def measure_cost(model: torch.nn.Module, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 
                  reps: int = 5) -> CostModel:
     """Time one forward over k new tokens on a `context`-token cache (median of `reps` per k).
 
-    The ks are timed round-robin after a warm-up, so a burst of load on a shared machine hits
-    every k alike rather than one of them; a larger k is never taken as cheaper than a smaller.
+    The ks are timed interleaved (see `timing.interleaved`); a larger k is never taken as
+    cheaper than a smaller one.
     """
     from ..decoding.kv import compact, new_cache
+    from ..timing import interleaved, stopwatch
 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, context + max(ks)), generator=torch.Generator().manual_seed(0)).to(device)
-    runs: dict[int, list[float]] = {k: [] for k in ks}
     with torch.inference_mode():
         cache = new_cache()
         model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for rep in range(reps + 1):  # rep 0 warms every shape up and is not kept
-            for k in ks:
-                start = time.perf_counter()
-                model(input_ids=ids[:, context:context + k], past_key_values=cache, use_cache=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if rep:
-                    runs[k].append(time.perf_counter() - start)
-                compact(cache, context, [])  # back to the context-token cache
+
+        def timed(k: int) -> float:
+            seconds = stopwatch(lambda: model(input_ids=ids[:, context:context + k], past_key_values=cache,
+                                              use_cache=True), device)
+            compact(cache, context, [])  # back to the context-token cache
+            return seconds
+
+        runs = interleaved(ks, timed, reps)
     times: list[float] = []
     for k in ks:
         median = sorted(runs[k])[len(runs[k]) // 2]
@@ -133,7 +131,7 @@ def cached_cost(model: torch.nn.Module, key: str) -> CostModel:
     dtype = next(model.parameters()).dtype
     name = f"{key}-{str(dtype).removeprefix('torch.')}-{device.type}-t{torch.get_num_threads()}"
     name = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-    root = Path(os.environ.get("LOOKAHEAD_CACHE", Path.home() / ".cache" / "lookahead")) / "cost"
+    root = cache_root() / "cost"
     path = root / f"{name}.json"
     if path.is_file():
         try:

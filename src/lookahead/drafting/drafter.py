@@ -29,10 +29,7 @@ class SourceStats:
 
     @property
     def rate(self) -> float:
-        """P(accepted | parent accepted), with a weak 0.5 prior so a new source starts with a fair weight.
-
-        Conditioning on the parent measures one step of a source: a long chain is not blamed for
-        the nodes beyond the first miss."""
+        """P(accepted | parent accepted), with a weak 0.5 prior."""
         return (self.accepted + 1) / (self.reached + 2)
 
 
@@ -42,7 +39,10 @@ class DraftState:
     recycle: RecycleTable | None = None
     sources: tuple[str, ...] = SOURCES
     cost: CostModel | None = None  # None: fixed budget, always used in full
-    calibration: Calibration = field(default_factory=Calibration)
+    calibration: Calibration = field(default_factory=Calibration)  # fused score -> acceptance (for sizing)
+    # Per source: its own probability -> P(accepted | parent accepted). Conditioning on the parent
+    # judges one step of a source: a long chain is not blamed for the nodes beyond its first miss.
+    trust: dict[str, Calibration] = field(default_factory=dict)
     stats: dict[str, SourceStats] = field(default_factory=dict)
     idle: int = 0  # consecutive steps that drafted nothing
 
@@ -51,6 +51,7 @@ class DraftState:
         if unknown or not self.sources:
             raise ValueError(f"unknown draft sources {sorted(unknown)}; choose from {SOURCES}")
         self.stats = {name: self.stats.get(name, SourceStats()) for name in self.sources}
+        self.trust = {name: self.trust.get(name, Calibration()) for name in self.sources}
 
     def drafter(self, prompt: list[int]) -> Drafter:
         return Drafter(self, prompt)
@@ -68,17 +69,17 @@ class Drafter:
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
         state = self.state
-        weights = {name: s.rate for name, s in state.stats.items()}
+        trust = state.trust
         with state.trie.lock:
             cursors = {}
             if self.session:
                 for name, (_, cursor) in self.session.cursors(context).items():
-                    if name in weights:
-                        cursors[name] = (weights[name], cursor)
-            if state.recycle is not None and "recycle" in weights:
-                cursors["recycle"] = (weights["recycle"], state.recycle.cursor(context[-1]))
+                    if name in trust:
+                        cursors[name] = (trust[name], cursor)
+            if state.recycle is not None and "recycle" in trust:
+                cursors["recycle"] = (trust["recycle"], state.recycle.cursor(context[-1]))
             if self.ngram:
-                cursors["ngram"] = (weights["ngram"], self.ngram.cursor())
+                cursors["ngram"] = (trust["ngram"], self.ngram.cursor())
             scored = build_tree(context[-1], cursors, budget)
         if state.cost is not None:
             n = best_size(scored.scores[1:], state.cost, state.calibration)
@@ -104,12 +105,14 @@ class Drafter:
             kept = set(nodes)  # starts with the root
             flags = [i in kept for i in range(1, len(tree))]
             state.calibration.observe(self.last.scores[1:], flags)
-            for i, names in enumerate(self.last.sources[1:], start=1):
-                reached = tree.parents[i] in kept
-                for name in names:
+            for i, proposers in enumerate(self.last.proposals[1:], start=1):
+                reached, accepted = tree.parents[i] in kept, flags[i - 1]
+                for name, p in proposers.items():
+                    if reached:
+                        state.trust[name].observe([p], [accepted])
                     for stats in (state.stats[name], self.stats[name]):
                         stats.proposed += 1
-                        stats.accepted += flags[i - 1]
+                        stats.accepted += accepted
                         stats.reached += reached
 
 
@@ -117,4 +120,4 @@ def _prefix(scored: ScoredTree, n: int) -> ScoredTree:
     """The first n draft nodes of a best-first tree (a valid tree: parents come first)."""
     k = n + 1
     tree = DraftTree(scored.tree.tokens[:k], scored.tree.parents[:k])
-    return ScoredTree(tree, scored.scores[:k], scored.sources[:k])
+    return ScoredTree(tree, scored.scores[:k], scored.proposals[:k])

@@ -3,10 +3,12 @@
 A source answers, for a position in the tree, "which tokens may come next, and how likely".
 It does so through a cursor: `cursor.next(limit)` returns up to `limit` (token, probability)
 pairs and `cursor.child(token)` the cursor one token further (None where the source knows
-nothing there). The builder combines the sources live at a node as independent evidence
-(noisy-OR of weight x probability: a token is missed only if every source proposing it is
-wrong), merges identical continuations, and pops the most probable path first, so the tree
-holds the `budget.nodes` best paths whatever source proposed them.
+nothing there). Each source comes with a `trust` function that maps its own probability to
+the probability that the model accepts the token (the drafter learns one per source online).
+The builder combines the sources live at a node as independent evidence (noisy-OR of the
+trusted probabilities: a token is missed only if every source proposing it is wrong), merges
+identical continuations, and pops the most probable path first, so the tree holds the
+`budget.nodes` best paths whatever source proposed them.
 
 Why noisy-OR and not a weighted average: an average divides a confident source by the number
 of live sources at every level, so a long copy chain that only the prompt knows decays
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,12 +42,24 @@ class Budget:
 class ScoredTree:
     tree: DraftTree
     scores: list[float]                 # estimated probability that each node's path is accepted (root: 1)
-    sources: list[frozenset[str]] = field(default_factory=list)  # which sources proposed each node
+    proposals: list[dict[str, float]] = field(default_factory=list)  # per node: proposing source -> its own probability
+
+    @property
+    def sources(self) -> list[frozenset[str]]:
+        return [frozenset(p) for p in self.proposals]
 
 
-def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budget: Budget) -> ScoredTree:
-    """Best-first tree under `budget`; `cursors` maps source name -> (reliability in [0, 1], cursor at the root)."""
-    tokens, parents, scores, sources = [root], [-1], [1.0], [frozenset()]
+Trust = Callable[[float], float]  # a source's probability -> P(model accepts the token | parent accepted)
+
+
+def scaled(weight: float) -> Trust:
+    """A fixed trust: the source's probability times `weight`."""
+    return lambda p: weight * p
+
+
+def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget) -> ScoredTree:
+    """Best-first tree under `budget`; `cursors` maps source name -> (trust, cursor at the root)."""
+    tokens, parents, scores, sources = [root], [-1], [1.0], [{}]
     if budget.nodes <= 0 or budget.depth <= 0:
         return ScoredTree(DraftTree(tokens, parents), scores, sources)
     depths = [0]
@@ -52,11 +67,11 @@ def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budge
     tick = itertools.count()  # tie-break: earlier-pushed first; never compare cursors
     _push(frontier, tick, 0, 1.0, cursors, budget.nodes)
     while frontier and len(tokens) <= budget.nodes:
-        neg_score, _, parent, token, names, children = heapq.heappop(frontier)
+        neg_score, _, parent, token, proposers, children = heapq.heappop(frontier)
         tokens.append(token)
         parents.append(parent)
         scores.append(-neg_score)
-        sources.append(names)
+        sources.append(proposers)
         depths.append(depths[parent] + 1)
         if depths[-1] < budget.depth:
             _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens))
@@ -64,19 +79,21 @@ def build_tree(root: int, cursors: dict[str, tuple[float, Cursor | None]], budge
 
 
 def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int) -> None:
-    """Push the `limit` most probable continuations of one node; `w` is a source's reliability in [0, 1]."""
+    """Push the `limit` most probable continuations of one node."""
     if limit <= 0:
         return
-    live = {name: (w, c) for name, (w, c) in cursors.items() if c is not None and w > 0}
-    merged: dict[int, list] = {}  # token -> [probability that every proposer is wrong, proposer names]
-    for name, (w, cursor) in live.items():
+    live = {name: (trust, c) for name, (trust, c) in cursors.items() if c is not None}
+    merged: dict[int, list] = {}  # token -> [probability that every proposer is wrong, {proposer: its probability}]
+    for name, (trust, cursor) in live.items():
         for token, p in cursor.next(limit):
-            entry = merged.setdefault(token, [1.0, set()])
-            entry[0] *= 1.0 - min(w * p, 1.0)
-            entry[1].add(name)
+            entry = merged.setdefault(token, [1.0, {}])
+            entry[0] *= 1.0 - min(max(trust(p), 0.0), 1.0)
+            entry[1][name] = p
     for entry in merged.values():
         entry[0] = 1.0 - entry[0]
-    for token, (p, names) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
+    for token, (p, proposers) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
+        if p <= 0:
+            break
         # Every live source follows the token, proposer or not: a source may know what comes next.
-        children = {name: (w, cursor.child(token)) for name, (w, cursor) in live.items()}
-        heapq.heappush(frontier, (-score * p, next(tick), parent, token, frozenset(names), children))
+        children = {name: (trust, cursor.child(token)) for name, (trust, cursor) in live.items()}
+        heapq.heappush(frontier, (-score * p, next(tick), parent, token, proposers, children))

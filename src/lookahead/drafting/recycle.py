@@ -14,8 +14,13 @@ class RecycleTable:
         if vocab_size < 1 or k < 1:
             raise ValueError("RecycleTable needs vocab_size >= 1 and k >= 1")
         self.k = k
-        self.tokens = torch.zeros(vocab_size, k, dtype=torch.int32)
-        self.probs = torch.zeros(vocab_size, k, dtype=torch.float16)  # 0 = never seen
+        self._set(torch.zeros(vocab_size, k, dtype=torch.int32), torch.zeros(vocab_size, k, dtype=torch.float16))
+
+    def _set(self, tokens: torch.Tensor, probs: torch.Tensor) -> None:
+        self.tokens, self.probs = tokens, probs  # probs 0 = never seen
+        # numpy views of the same memory: the tree builder reads single rows, where a torch
+        # index costs microseconds and numpy a fraction of one
+        self._tokens, self._probs = tokens.numpy(), probs.numpy()
 
     @property
     def vocab_size(self) -> int:
@@ -23,16 +28,22 @@ class RecycleTable:
 
     def update(self, inputs: list[int], logits: torch.Tensor) -> None:
         """Row inputs[i] <- top-k of the distribution the model predicted after it (logits[i])."""
-        logits = logits.detach().float()
+        # No float copy of the [n, vocab] logits: a fresh multi-MB buffer per step costs page
+        # faults worth more than the top-k itself. bf16 precision is plenty for a draft score.
+        logits = logits.detach()
         top = logits.topk(self.k, dim=-1)
-        probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp()
-        index = torch.tensor(inputs, dtype=torch.long)
-        keep = index < self.vocab_size  # the lm head may be wider than the tokenizer's vocabulary
-        self.tokens[index[keep]] = top.indices[keep.to(top.indices.device)].to("cpu", torch.int32)
-        self.probs[index[keep]] = probs[keep.to(probs.device)].to("cpu", torch.float16)
+        probs = (top.values.float() - logits.logsumexp(-1, keepdim=True).float()).exp()
+        rows = [i for i, t in enumerate(inputs) if 0 <= t < self.vocab_size]  # the lm head may be wider
+        if len(rows) < len(inputs):
+            top_tokens, probs = top.indices[rows], probs[rows]
+        else:
+            top_tokens = top.indices
+        index = torch.tensor([inputs[i] for i in rows], dtype=torch.long)
+        self.tokens[index] = top_tokens.to("cpu", torch.int32)
+        self.probs[index] = probs.to("cpu", torch.float16)
 
     def cursor(self, token: int) -> RecycleCursor | None:
-        return RecycleCursor(self, token) if 0 <= token < self.vocab_size and self.probs[token, 0] > 0 else None
+        return RecycleCursor(self, token) if 0 <= token < self.vocab_size and self._probs[token, 0] > 0 else None
 
     def to_arrays(self) -> dict[str, torch.Tensor]:
         return {"recycle_tokens": self.tokens, "recycle_probs": self.probs}
@@ -43,7 +54,7 @@ class RecycleTable:
         if tokens.shape != probs.shape or tokens.dim() != 2:
             raise ValueError("recycle table arrays have mismatched shapes")
         table = cls(tokens.shape[0], tokens.shape[1])
-        table.tokens, table.probs = tokens.to(torch.int32), probs.to(torch.float16)
+        table._set(tokens.to(torch.int32).contiguous(), probs.to(torch.float16).contiguous())
         return table
 
 
@@ -55,7 +66,8 @@ class RecycleCursor:
 
     def next(self, limit: int) -> list[tuple[int, float]]:
         n = min(limit, self.table.k)
-        pairs = zip(self.table.tokens[self.token, :n].tolist(), self.table.probs[self.token, :n].tolist(), strict=True)
+        table = self.table
+        pairs = zip(table._tokens[self.token, :n].tolist(), table._probs[self.token, :n].tolist(), strict=True)
         return [(t, p) for t, p in pairs if p > 0]
 
     def child(self, token: int) -> RecycleCursor | None:

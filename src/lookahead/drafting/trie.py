@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..tree import DraftTree
-from .fusion import Budget, build_tree
+from .fusion import Budget, Trust, build_tree, scaled
 
 FILE_FORMAT = "lookahead-trie"
 FILE_VERSION = "1"
@@ -217,15 +217,15 @@ class TrieSession:
             self._shared_feed.feed(tokens)
             self.trie._bound()
 
-    def cursors(self, context: list[int]) -> dict[str, tuple[float, NodeCursor | None]]:
+    def cursors(self, context: list[int]) -> dict[str, tuple[Trust, NodeCursor | None]]:
         """Root cursors of both scopes for the tree builder (call with `trie.lock` held)."""
         trie = self.trie
         request = self.request.match(context, trie.max_match)
         shared = trie.shared.match(context, trie.max_match)
         # Reliabilities for the noisy-OR builder: the more trusted scope at 1, the other in proportion.
         top = max(trie.prompt_weight, 1.0 - trie.prompt_weight)
-        return {"prompt": (trie.prompt_weight / top, request and NodeCursor(request)),
-                "history": ((1.0 - trie.prompt_weight) / top, shared and NodeCursor(shared))}
+        return {"prompt": (scaled(trie.prompt_weight / top), request and NodeCursor(request)),
+                "history": (scaled((1.0 - trie.prompt_weight) / top), shared and NodeCursor(shared))}
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
         """Best-first draft tree rooted at context[-1], from this trie alone."""

@@ -98,25 +98,30 @@ class CostCurve:
     @classmethod
     def measure(cls, model, tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128), context: int = 256,
                 reps: int = 3) -> CostCurve:
-        """Time BatchVerifier forwards of T tokens (rows of 1 + a chain) over `context`-token caches."""
+        """Time BatchVerifier forwards of T tokens (rows of 1 + a chain) over `context`-token caches.
+
+        The Ts are timed interleaved (see `timing.interleaved`); the fastest run of each is kept."""
+        from ..timing import interleaved, stopwatch
+
         vocab = model.get_input_embeddings().num_embeddings
         gen = torch.Generator().manual_seed(0)
-        seconds = []
+        setups = {}
         for total in tokens:
             rows = max(1, total // 16)  # big T as several rows, as the server batches them
             verifier = BatchVerifier(model)
             for r in range(rows):
                 verifier.add(r, torch.randint(0, vocab, (context,), generator=gen).tolist())
             sizes = [total // rows + (1 if r < total % rows else 0) for r in range(rows)]
-            trees = [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
-            runs = []
-            for _ in range(reps + 1):  # the first is a warm-up
-                t0 = time.perf_counter()
-                verifier.verify(trees)
-                runs.append(time.perf_counter() - t0)
-                verifier.abort()
-            seconds.append(min(runs[1:]))  # the least disturbed run
-        return cls(list(tokens), seconds)
+            setups[total] = verifier, [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
+
+        def timed(total: int) -> float:
+            verifier, trees = setups[total]
+            seconds = stopwatch(lambda: verifier.verify(trees), verifier.device)
+            verifier.abort()
+            return seconds
+
+        runs = interleaved(tokens, timed, reps)
+        return cls(list(tokens), [min(runs[t]) for t in tokens])  # the least disturbed run
 
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # draft budgets per row the policy chooses from
