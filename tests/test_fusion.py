@@ -36,6 +36,15 @@ def test_identical_paths_from_two_sources_are_merged_and_scores_combined():
     assert scored.sources[3] == frozenset({"a"}) and scored.sources[4] == frozenset({"b"})
 
 
+def test_sources_of_one_kind_count_once_and_independent_kinds_combine():
+    """Two text-copying sources agree because they read the same text: the better one counts, not both."""
+    sources = {"prompt": (scaled(1.0), Chain([5], 0.6)), "ngram": (scaled(1.0), Chain([5], 0.5)),
+               "recycle": (scaled(1.0), Chain([5], 0.5))}
+    groups = {"prompt": "text", "ngram": "text", "recycle": "model"}
+    assert build_tree(0, sources, Budget(1, 1), groups).scores[1] == pytest.approx(1 - 0.4 * 0.5)
+    assert build_tree(0, sources, Budget(1, 1)).scores[1] == pytest.approx(1 - 0.4 * 0.5 * 0.5)
+
+
 def test_a_confident_chain_is_not_diluted_by_other_live_sources():
     """One source's long chain keeps its probability however many other sources are live."""
     chain = {"prompt": (scaled(0.9), Chain([5, 6, 7, 8, 9, 10], 1.0))}

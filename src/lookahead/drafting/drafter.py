@@ -18,7 +18,14 @@ from .recycle import RecycleTable
 from .trie import TokenTrie
 
 SOURCES = ("prompt", "history", "recycle", "ngram")
-PROBE_EVERY, PROBE_NODES = 8, 4  # with measured sizing: after 8 draftless steps, verify 4 nodes once
+# Kinds of evidence: the tries and prompt lookup all copy text seen before (they agree because
+# they read the same text, not because the token is likelier); the recycle table is the model's
+# own earlier prediction. See fusion.build_tree.
+GROUPS = {"prompt": "text", "history": "text", "ngram": "text", "recycle": "model"}
+# With measured sizing, when no draft pays: verify PROBE_NODES nodes once after PROBE_EVERY draftless
+# steps, so acceptance keeps being learned. A probe that wins nothing doubles the wait (up to
+# PROBE_MAX): on text no source can predict, probing would otherwise cost more than it finds.
+PROBE_EVERY, PROBE_NODES, PROBE_MAX = 8, 4, 64
 
 
 @dataclass
@@ -45,6 +52,7 @@ class DraftState:
     trust: dict[str, Calibration] = field(default_factory=dict)
     stats: dict[str, SourceStats] = field(default_factory=dict)
     idle: int = 0  # consecutive steps that drafted nothing
+    probe_every: int = PROBE_EVERY  # current wait between probes
 
     def __post_init__(self) -> None:
         unknown = set(self.sources) - set(SOURCES)
@@ -65,6 +73,7 @@ class Drafter:
         if self.ngram:
             self.ngram.extend(prompt)
         self.last: ScoredTree | None = None
+        self.probing = False  # the last proposal was a probe
         self.stats = {name: SourceStats() for name in state.sources}  # this request's share of state.stats
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
@@ -80,12 +89,13 @@ class Drafter:
                 cursors["recycle"] = (trust["recycle"], state.recycle.cursor(context[-1]))
             if self.ngram:
                 cursors["ngram"] = (trust["ngram"], self.ngram.cursor())
-            scored = build_tree(context[-1], cursors, budget)
+            scored = build_tree(context[-1], cursors, budget, GROUPS)
         if state.cost is not None:
             n = best_size(scored.scores[1:], state.cost, state.calibration)
             # Probe now and then when nothing pays: acceptance is only learned from verified nodes.
             state.idle = state.idle + 1 if n == 0 else 0
-            if state.idle >= PROBE_EVERY:
+            self.probing = state.idle >= state.probe_every
+            if self.probing:
                 n, state.idle = min(PROBE_NODES, len(scored.tree) - 1), 0
             scored = _prefix(scored, n)
         self.last = scored
@@ -103,6 +113,8 @@ class Drafter:
             state.recycle.update(tree.tokens, logits)
         if self.last is not None and nodes is not None and self.last.tree is tree:
             kept = set(nodes)  # starts with the root
+            if self.probing:
+                state.probe_every = PROBE_EVERY if len(nodes) > 1 else min(2 * state.probe_every, PROBE_MAX)
             flags = [i in kept for i in range(1, len(tree))]
             state.calibration.observe(self.last.scores[1:], flags)
             for i, proposers in enumerate(self.last.proposals[1:], start=1):

@@ -57,15 +57,21 @@ def scaled(weight: float) -> Trust:
     return lambda p: weight * p
 
 
-def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget) -> ScoredTree:
-    """Best-first tree under `budget`; `cursors` maps source name -> (trust, cursor at the root)."""
+def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget,
+               groups: dict[str, str] | None = None) -> ScoredTree:
+    """Best-first tree under `budget`; `cursors` maps source name -> (trust, cursor at the root).
+
+    `groups` names each source's kind of evidence (default: its own). Sources of one group are
+    correlated (all copy the same text): their best trusted probability counts, once. Groups
+    are independent: combined by noisy-OR."""
+    groups = groups or {}
     tokens, parents, scores, sources = [root], [-1], [1.0], [{}]
     if budget.nodes <= 0 or budget.depth <= 0:
         return ScoredTree(DraftTree(tokens, parents), scores, sources)
     depths = [0]
     frontier: list = []
     tick = itertools.count()  # tie-break: earlier-pushed first; never compare cursors
-    _push(frontier, tick, 0, 1.0, cursors, budget.nodes)
+    _push(frontier, tick, 0, 1.0, cursors, budget.nodes, groups)
     while frontier and len(tokens) <= budget.nodes:
         neg_score, _, parent, token, proposers, children = heapq.heappop(frontier)
         tokens.append(token)
@@ -74,23 +80,28 @@ def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budge
         sources.append(proposers)
         depths.append(depths[parent] + 1)
         if depths[-1] < budget.depth:
-            _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens))
+            _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens), groups)
     return ScoredTree(DraftTree(tokens, parents), scores, sources)
 
 
-def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int) -> None:
+def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int, groups: dict) -> None:
     """Push the `limit` most probable continuations of one node."""
     if limit <= 0:
         return
     live = {name: (trust, c) for name, (trust, c) in cursors.items() if c is not None}
-    merged: dict[int, list] = {}  # token -> [probability that every proposer is wrong, {proposer: its probability}]
+    best: dict[int, dict[str, float]] = {}  # token -> group -> best trusted probability
+    merged: dict[int, list] = {}  # token -> [combined probability, {proposer: its probability}]
     for name, (trust, cursor) in live.items():
+        group = groups.get(name, name)
         for token, p in cursor.next(limit):
-            entry = merged.setdefault(token, [1.0, {}])
-            entry[0] *= 1.0 - min(max(trust(p), 0.0), 1.0)
-            entry[1][name] = p
-    for entry in merged.values():
-        entry[0] = 1.0 - entry[0]
+            by_group = best.setdefault(token, {})
+            by_group[group] = max(by_group.get(group, 0.0), min(max(trust(p), 0.0), 1.0))
+            merged.setdefault(token, [0.0, {}])[1][name] = p
+    for token, by_group in best.items():
+        missed = 1.0
+        for q in by_group.values():
+            missed *= 1.0 - q  # a token is missed only if every independent kind of evidence is wrong
+        merged[token][0] = 1.0 - missed
     for token, (p, proposers) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
         if p <= 0:
             break
