@@ -5,10 +5,11 @@ It does so through a cursor: `cursor.next(limit)` returns up to `limit` (token, 
 pairs and `cursor.child(token)` the cursor one token further (None where the source knows
 nothing there). Each source comes with a `trust` function that maps its own probability to
 the probability that the model accepts the token (the drafter learns one per source online).
-The builder combines the sources live at a node as independent evidence (noisy-OR of the
-trusted probabilities: a token is missed only if every source proposing it is wrong), merges
-identical continuations, and pops the most probable path first, so the tree holds the
-`budget.nodes` best paths whatever source proposed them.
+The builder combines what the sources live at a node say about a token by kind of evidence:
+within a group of correlated sources (copies of the same text) the best trusted probability
+counts once; independent groups combine by noisy-OR (a token is missed only if every kind of
+evidence is wrong). It merges identical continuations and pops the most probable path first,
+so the tree holds the `budget.nodes` best paths whatever source proposed them.
 
 Why noisy-OR and not a weighted average: an average divides a confident source by the number
 of live sources at every level, so a long copy chain that only the prompt knows decays
