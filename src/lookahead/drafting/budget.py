@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..timing import interleaved, stopwatch
 from ..weights import cache_root
 
 
@@ -102,7 +103,6 @@ def measure_cost(model: torch.nn.Module, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 
     cheaper than a smaller one.
     """
     from ..decoding.kv import compact, new_cache
-    from ..timing import interleaved, stopwatch
 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size

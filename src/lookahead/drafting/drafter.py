@@ -34,11 +34,6 @@ class SourceStats:
     accepted: int = 0   # of those, accepted by the model
     reached: int = 0    # of those, nodes whose parent was accepted (the verifier got to judge them)
 
-    @property
-    def rate(self) -> float:
-        """P(accepted | parent accepted), with a weak 0.5 prior."""
-        return (self.accepted + 1) / (self.reached + 2)
-
 
 @dataclass
 class DraftState:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -90,20 +91,18 @@ def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit:
     if limit <= 0:
         return
     live = {name: (trust, c) for name, (trust, c) in cursors.items() if c is not None}
-    best: dict[int, dict[str, float]] = {}  # token -> group -> best trusted probability
-    merged: dict[int, list] = {}  # token -> [combined probability, {proposer: its probability}]
+    # token -> ({group: best trusted probability}, {proposer: its own probability})
+    merged: dict[int, tuple[dict, dict]] = {}
     for name, (trust, cursor) in live.items():
         group = groups.get(name, name)
         for token, p in cursor.next(limit):
-            by_group = best.setdefault(token, {})
+            by_group, proposers = merged.setdefault(token, ({}, {}))
             by_group[group] = max(by_group.get(group, 0.0), min(max(trust(p), 0.0), 1.0))
-            merged.setdefault(token, [0.0, {}])[1][name] = p
-    for token, by_group in best.items():
-        missed = 1.0
-        for q in by_group.values():
-            missed *= 1.0 - q  # a token is missed only if every independent kind of evidence is wrong
-        merged[token][0] = 1.0 - missed
-    for token, (p, proposers) in heapq.nlargest(limit, merged.items(), key=lambda kv: kv[1][0]):
+            proposers[name] = p
+    # A token is missed only if every independent kind of evidence is wrong.
+    candidates = [(1.0 - math.prod(1.0 - q for q in by_group.values()), token, proposers)
+                  for token, (by_group, proposers) in merged.items()]
+    for p, token, proposers in heapq.nlargest(limit, candidates, key=lambda c: c[0]):
         if p <= 0:
             break
         # Every live source follows the token, proposer or not: a source may know what comes next.

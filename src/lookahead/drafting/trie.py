@@ -222,7 +222,8 @@ class TrieSession:
         trie = self.trie
         request = self.request.match(context, trie.max_match)
         shared = trie.shared.match(context, trie.max_match)
-        # Reliabilities for the noisy-OR builder: the more trusted scope at 1, the other in proportion.
+        # Fixed trusts for trie-only drafting (the fused drafter learns its own per source): the
+        # more trusted scope at 1, the other in proportion.
         top = max(trie.prompt_weight, 1.0 - trie.prompt_weight)
         return {"prompt": (scaled(trie.prompt_weight / top), request and NodeCursor(request)),
                 "history": (scaled((1.0 - trie.prompt_weight) / top), shared and NodeCursor(shared))}

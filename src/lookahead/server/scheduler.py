@@ -34,6 +34,7 @@ from ..decoding.batch import BatchVerifier
 from ..decoding.verify import accept_greedy
 from ..drafting.budget import piecewise_linear
 from ..drafting.trie import Budget
+from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
 
 log = logging.getLogger("lookahead.server")
@@ -101,8 +102,6 @@ class CostCurve:
         """Time BatchVerifier forwards of T tokens (rows of 1 + a chain) over `context`-token caches.
 
         The Ts are timed interleaved (see `timing.interleaved`); the fastest run of each is kept."""
-        from ..timing import interleaved, stopwatch
-
         vocab = model.get_input_embeddings().num_embeddings
         gen = torch.Generator().manual_seed(0)
         setups = {}
