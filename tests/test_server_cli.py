@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lookahead import TokenTrie
+from lookahead import DraftState
 
 pytestmark = pytest.mark.real_model
 
@@ -78,7 +78,7 @@ def wait_saved(path, nodes: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if len(TokenTrie.load(path)) == nodes:
+            if len(DraftState.load(path).trie) == nodes:
                 return
         except (OSError, ValueError):
             pass
@@ -107,7 +107,7 @@ def test_kill_and_restart_keeps_the_trie_and_sigterm_saves(tiny_dir, tmp_path):
         assert grown > learned
         proc.send_signal(signal.SIGTERM)  # graceful: the lifespan saves on the way out
         proc.wait(60)  # uvicorn re-raises the signal after its graceful shutdown: the exit code is -15
-        assert len(TokenTrie.load(trie)) == grown
+        assert len(DraftState.load(trie).trie) == grown
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -1,11 +1,13 @@
-"""One forward over a branching tree gives the logits sequential decoding gives, for every architecture."""
+"""One forward over a branching tree gives the logits sequential decoding gives, for every architecture.
+
+Through the one verifier, as a batch of one (tests/test_batch.py runs it over many rows)."""
 from __future__ import annotations
 
 import torch
 
 from conftest import FIXED, IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftTree, Engine
-from lookahead.decoding.loop import TreeVerifier
+from lookahead.decoding.verify import Verifier
 
 TOL = 1e-4  # fp32: tree and sequential forwards differ only by summation order
 PROMPT = [3, 17, 42, 8, 17, 42, 8, 5, 9, 17, 42]
@@ -20,9 +22,9 @@ def sequential_logits(model, ids: list[int]) -> torch.Tensor:
 
 def test_tree_logits_equal_sequential_decoding(arch):
     model = tiny_model(arch)
-    verifier = TreeVerifier(model)
-    verifier.prefill(PROMPT[:-1])
-    logits = verifier.verify(TREE)
+    verifier = Verifier(model)
+    verifier.add("row", PROMPT[:-1])
+    [logits] = verifier.verify([TREE])
     for node in range(len(TREE)):
         path = [TREE.tokens[i] for i in TREE.path_to(node)]
         expected = sequential_logits(model, PROMPT[:-1] + path)
@@ -31,15 +33,15 @@ def test_tree_logits_equal_sequential_decoding(arch):
 
 def test_compaction_to_a_later_branch_keeps_next_step_exact(arch):
     model = tiny_model(arch)
-    verifier = TreeVerifier(model)
-    verifier.prefill(PROMPT[:-1])
-    verifier.verify(TREE)
+    verifier = Verifier(model)
+    verifier.add("row", PROMPT[:-1])
+    verifier.verify([TREE])
     accepted = [0, 2, 5]  # root -> 11 -> 2: not the tree's first branch
-    verifier.commit(accepted)
-    assert verifier.past == len(PROMPT) - 1 + len(accepted)
+    verifier.commit([accepted])
+    assert verifier.past == [len(PROMPT) - 1 + len(accepted)]
     # Next step: a fresh tree rooted at a bonus token, verified on the compacted cache.
     nxt = DraftTree([7, 4, 30], [-1, 0, 1])
-    logits = verifier.verify(nxt)
+    [logits] = verifier.verify([nxt])
     history = PROMPT + [11, 2]
     for node in range(len(nxt)):
         path = [nxt.tokens[i] for i in nxt.path_to(node)]

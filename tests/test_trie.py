@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from lookahead import Budget, TokenTrie, TrieFileError
+from lookahead import Budget, DraftState, StateFileError, TokenTrie
+from lookahead.drafting.fusion import build_tree
 from lookahead.drafting.trie import _Feeder
+
+
+def propose(session, context: list[int], budget: Budget):
+    """The best-first tree of this trie alone: both scopes, each trusted at its own probability."""
+    with session.trie.lock:
+        cursors = {name: ((lambda p: p), c) for name, c in session.cursors(context).items()}
+        return build_tree(context[-1], cursors, budget).tree
 
 
 def branches(tree) -> set[tuple[int, ...]]:
@@ -32,7 +40,7 @@ def test_feeding_in_pieces_counts_like_feeding_whole():
     for chunk in ([1, 2], [3, 1, 2, 3], [4], [1, 2]):
         feeder.feed(chunk)
     assert len(whole) == len(pieces)
-    assert whole.session([1]).propose([1], Budget(8, 4)).tokens == pieces.session([1]).propose([1], Budget(8, 4)).tokens
+    assert propose(whole.session([1]), [1], Budget(8, 4)).tokens == propose(pieces.session([1]), [1], Budget(8, 4)).tokens
 
 
 def test_retrieval_is_best_first_by_frequency():
@@ -40,7 +48,7 @@ def test_retrieval_is_best_first_by_frequency():
     for _ in range(3):
         trie.insert([7, 1, 2, 3])
     trie.insert([7, 5, 6, 0])
-    tree = trie.session([]).propose([9, 7], Budget(nodes=4, depth=3))
+    tree = propose(trie.session([]), [9, 7], Budget(nodes=4, depth=3))
     # The frequent branch 1-2-3 (p=0.75 per node chain) beats 5 (p=0.25) ...
     assert tree.tokens[1:4] == [1, 2, 3]
     # ... and the rarer first token still gets the last slot.
@@ -52,16 +60,16 @@ def test_longest_suffix_match_wins_and_falls_back():
     trie.insert([1, 2, 3, 10, 11])
     trie.insert([9, 9, 3, 20, 21])
     trie.insert([9, 9, 3, 20, 21])
-    assert trie.session([]).propose([1, 2, 3], Budget(1, 1)).tokens[1] == 10   # 3-token match: only 10
-    assert trie.session([]).propose([5, 5, 3], Budget(1, 1)).tokens[1] == 20   # fallback to "3": 20 is commoner
-    assert len(trie.session([]).propose([4, 4, 4], Budget(5, 5))) == 1          # nothing matches: root only
+    assert propose(trie.session([]), [1, 2, 3], Budget(1, 1)).tokens[1] == 10   # 3-token match: only 10
+    assert propose(trie.session([]), [5, 5, 3], Budget(1, 1)).tokens[1] == 20   # fallback to "3": 20 is commoner
+    assert len(propose(trie.session([]), [4, 4, 4], Budget(5, 5))) == 1          # nothing matches: root only
 
 
 def test_bounds_on_nodes_and_depth_are_respected():
     trie = TokenTrie(max_match=1, window=12)
     for start in range(6):
         trie.insert([50] + list(range(start * 10, start * 10 + 10)))
-    tree = trie.session([]).propose([50], Budget(nodes=13, depth=3))
+    tree = propose(trie.session([]), [50], Budget(nodes=13, depth=3))
     assert len(tree) - 1 == 13
     assert tree.max_depth <= 3
 
@@ -69,9 +77,9 @@ def test_bounds_on_nodes_and_depth_are_respected():
 def test_request_scope_does_not_leak_into_the_next_request():
     trie = TokenTrie(max_match=2, window=6)
     first = trie.session([1, 2, 3, 4, 5])
-    assert first.propose([1, 2], Budget(4, 4)).tokens[1:] == [3, 4, 5]
+    assert propose(first, [1, 2], Budget(4, 4)).tokens[1:] == [3, 4, 5]
     second = trie.session([8, 9])
-    assert len(second.propose([1, 2], Budget(4, 4))) == 1  # the first prompt is gone
+    assert len(propose(second, [1, 2], Budget(4, 4))) == 1  # the first prompt is gone
     # Only each prompt's last max_match tokens (the lead-in to its output) reach the shared scope.
     assert set(trie.shared.root.children) == {4, 5, 8, 9}
 
@@ -80,7 +88,7 @@ def test_accepted_output_enters_the_shared_scope():
     trie = TokenTrie(max_match=2, window=6)
     session = trie.session([1, 2])
     session.observe([3, 4, 5])
-    assert trie.session([]).propose([1, 2], Budget(4, 4)).tokens[1:] == [3, 4, 5]
+    assert propose(trie.session([]), [1, 2], Budget(4, 4)).tokens[1:] == [3, 4, 5]
 
 
 def test_prompt_only_continuation_survives_a_large_shared_subtree():
@@ -88,7 +96,7 @@ def test_prompt_only_continuation_survives_a_large_shared_subtree():
     trie = TokenTrie(max_match=1, window=4)
     for t in range(100, 160):
         trie.insert([7, t, t + 1])
-    tree = trie.session([7, 999, 998]).propose([7], Budget(nodes=8, depth=2))
+    tree = propose(trie.session([7, 999, 998]), [7], Budget(nodes=8, depth=2))
     assert tree.tokens[1] == 999  # probability 0.5 from the prompt beats 0.5/60 from history
 
 
@@ -96,8 +104,8 @@ def test_prompt_with_eos_and_special_tokens_is_indexed_whole():
     eos = 2
     trie = TokenTrie(max_match=1, window=4)
     session = trie.session([5, eos, 6, 7, eos, 8, 9])
-    assert session.propose([eos, 8], Budget(2, 2)).tokens[1:] == [9]
-    assert session.propose([eos], Budget(2, 2)).tokens[1] in (6, 8)
+    assert propose(session, [eos, 8], Budget(2, 2)).tokens[1:] == [9]
+    assert propose(session, [eos], Budget(2, 2)).tokens[1] in (6, 8)
 
 
 def test_capacity_bounds_the_shared_scope_with_decay():
@@ -108,33 +116,33 @@ def test_capacity_bounds_the_shared_scope_with_decay():
         trie.insert([1000 + i, 2000 + i, 3000 + i])  # rare n-grams
         assert len(trie) <= 500
     # Frequent n-grams survive the decay; rare ones were evicted.
-    assert trie.session([]).propose([1], Budget(3, 3)).tokens[1:] == [2, 3, 4]
+    assert propose(trie.session([]), [1], Budget(3, 3)).tokens[1:] == [2, 3, 4]
 
 
 def test_save_load_round_trip(tmp_path):
     trie = TokenTrie(max_match=2, window=5)
     trie.insert([1, 2, 3, 4, 5, 1, 2, 6])
-    path = tmp_path / "trie.safetensors"
-    trie.save(path)
-    loaded = TokenTrie.load(path)
+    path = tmp_path / "state.safetensors"
+    DraftState(trie).save(path)
+    loaded = DraftState.load(path).trie
     assert (loaded.max_match, loaded.window, len(loaded)) == (2, 5, len(trie))
     query, budget = [9, 1, 2], Budget(6, 3)
-    assert loaded.session([]).propose(query, budget).tokens == trie.session([]).propose(query, budget).tokens
+    assert propose(loaded.session([]), query, budget).tokens == propose(trie.session([]), query, budget).tokens
 
 
 def test_corrupted_file_is_refused_with_a_clear_error(tmp_path):
     trie = TokenTrie()
     trie.insert(list(range(50)))
-    path = tmp_path / "trie.safetensors"
-    trie.save(path)
+    path = tmp_path / "state.safetensors"
+    DraftState(trie).save(path)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # flip bits in the array data
     path.write_bytes(bytes(data))
-    with pytest.raises(TrieFileError, match="corrupted"):
-        TokenTrie.load(path)
+    with pytest.raises(StateFileError, match="corrupted"):
+        DraftState.load(path)
     path.write_bytes(b"not a trie at all")
-    with pytest.raises(TrieFileError, match="not a readable trie file"):
-        TokenTrie.load(path)
+    with pytest.raises(StateFileError, match="not a readable draft-state file"):
+        DraftState.load(path)
 
 
 def test_a_safetensors_file_of_another_kind_is_refused(tmp_path):
@@ -142,5 +150,5 @@ def test_a_safetensors_file_of_another_kind_is_refused(tmp_path):
     from safetensors.torch import save_file
     path = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(TrieFileError, match="not a lookahead trie file"):
-        TokenTrie.load(path)
+    with pytest.raises(StateFileError, match="not a lookahead draft-state file"):
+        DraftState.load(path)

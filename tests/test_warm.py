@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lookahead import DraftConfig, Engine, TokenTrie
+from lookahead import DraftConfig, DraftState, Engine
 from lookahead.cli import main
 from lookahead.drafting.warm import Sequencer, warm
 
@@ -33,7 +33,7 @@ def test_every_record_form_is_learned_and_bad_lines_are_skipped(real_engine, tmp
     out = tmp_path / "warm.trie"
     report = warm(corpus, out, real_engine.tokenizer, trie, progress=True)
     assert (report.records, report.skipped, report.sequences) == (6, 2, 5)
-    assert report.nodes == len(trie) > 0 and len(TokenTrie.load(out)) == len(trie)
+    assert report.nodes == len(trie) > 0 and len(DraftState.load(out).trie) == len(trie)
     assert "warming trie" in capsys.readouterr().err  # the progress bar
 
     with pytest.raises(ValueError, match="no usable record"):
@@ -61,7 +61,8 @@ def test_a_warmed_trie_drafts_the_answer_from_the_first_request(real_engine, tmp
     real_engine.tokenizer.save_pretrained(model_dir)
     real_engine.model.config.save_pretrained(model_dir)
     assert main(["warm", "--corpus", str(corpus), "--out", str(out), "--model", str(model_dir), "--no-progress"]) == 0
-    warmed = Engine(real_engine.model, real_engine.tokenizer, trie=TokenTrie.load(out))
+    warmed = Engine(real_engine.model, real_engine.tokenizer)
+    warmed.load_state(out)  # a trie-only file: the rest of the state starts empty
     hot = warmed.generate(messages, max_new_tokens=16)
     assert hot.token_ids == cold.token_ids
     assert hot.stats.mean_accepted > 2 * cold.stats.mean_accepted

@@ -24,6 +24,8 @@ def _generate(args: argparse.Namespace) -> int:
                                ("sizing", args.sizing)) if v is not None}
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
                             draft_config=lookahead.DraftConfig(**sizes))
+    if args.input:
+        return _generate_file(engine, args, sampling)
     prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
     if not args.raw and getattr(engine.tokenizer, "chat_template", None):
         prompt = [{"role": "user", "content": prompt}]
@@ -43,6 +45,47 @@ def _generate(args: argparse.Namespace) -> int:
         same = "identical" if plain.token_ids == fast.token_ids else "DIFFERENT"
         print(f"[compare] speedup {fast.stats.tokens_per_s / max(plain.stats.tokens_per_s, 1e-9):.2f}x, "
               f"outputs {same}", file=sys.stderr)
+    return 0
+
+
+def _generate_file(engine, args: argparse.Namespace, sampling) -> int:
+    """`--input prompts.jsonl`: every line one request, batched; answers in input order to `--output`."""
+    import json
+    from pathlib import Path
+
+    requests, ids = [], []
+    with open(args.input, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompt = record.get("messages") or record.get("prompt")
+                if isinstance(prompt, str) and not args.raw and getattr(engine.tokenizer, "chat_template", None):
+                    prompt = [{"role": "user", "content": prompt}]
+                requests.append(engine.request(prompt, record.get("max_tokens", args.max_new_tokens),
+                                               record.get("stop", args.stop), not args.no_draft, sampling))
+            except (ValueError, AttributeError, TypeError) as e:
+                raise SystemExit(f"{args.input}:{n}: {e} (expected JSON with 'prompt' or 'messages', "
+                                 "optional 'id', 'max_tokens', 'stop')") from None
+            ids.append(record.get("id", len(ids)))
+    outputs = engine.generate_batch(requests, max_batch=args.max_batch)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for rid, o in zip(ids, outputs, strict=True):
+            s = o.stats
+            out.write(json.dumps({"id": rid, "text": o.text, "finish_reason": o.finish_reason,
+                                  "prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
+                                  "steps": s.steps, "accepted_per_step": round(s.mean_accepted, 3),
+                                  "draft_nodes": s.draft_tokens}, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    new = sum(o.stats.new_tokens for o in outputs)
+    steps = sum(o.stats.steps for o in outputs)
+    where = f" -> {Path(args.output)}" if args.output else ""
+    print(f"[lookahead] {len(outputs)} requests, {new} tokens, {new / max(steps, 1):.2f} accepted tokens/step"
+          f"{where}", file=sys.stderr)
     return 0
 
 
@@ -72,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding, for comparison")
     gen.add_argument("--compare", action="store_true", help="run without and with drafts, report the speedup")
+    gen.add_argument("--input", default=None, metavar="JSONL", help="batch mode: one request per line "
+                     "({'prompt' or 'messages', optional 'id', 'max_tokens', 'stop'}), decoded with continuous batching")
+    gen.add_argument("--output", default=None, metavar="JSONL", help="with --input: answers, in input order "
+                     "(default: stdout)")
+    gen.add_argument("--max-batch", type=int, default=16, help="with --input: requests decoded together")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")

@@ -1,21 +1,29 @@
-"""Engine: a model, its tokenizer and a shared TokenTrie; generate() and stream()."""
+"""Engine: a model, its tokenizer and what drafting has learned; generate(), generate_batch(), stream().
+
+All three drive the one decode core (`decoding.step.Decoder`); so does the server.
+"""
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .decoding.loop import TreeVerifier, decode
+from .decoding.accept import accept_greedy
+from .decoding.cost import CostModel, load_cost, measure_cost
 from .decoding.sampling import SamplingParams
-from .decoding.verify import accept_greedy
-from .drafting.budget import cached_cost, measure_cost
-from .drafting.drafter import SOURCES, DraftState
+from .decoding.sizing import SizingPolicy
+from .decoding.step import Decoder, run
+from .decoding.support import check_supported
 from .drafting.fusion import Budget
 from .drafting.recycle import RecycleTable
+from .drafting.state import SOURCES, DraftState
 from .drafting.trie import TokenTrie
 from .models import load_model
+from .request import GenerationOutput, Request
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -29,13 +37,13 @@ class DraftConfig:
     max_depth: int = 12       # longest branch
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
-    prompt_weight: float = 0.5  # trie-only drafting: trust in the request scope vs the shared one (0.5 = equal)
     # Fused into one tree: prompt, history (the tries), recycle, ngram. With measured sizing: 1.43x vs
     # 1.40x for the best single source on the Qwen-1.5B ablation, 1.45x vs 1.35x on SmolLM2 (README
     # "Benchmark").
     sources: tuple[str, ...] = SOURCES
     sizing: str = "measured"  # "measured": per step, the size that pays for itself on the measured
-    #                           verify-cost curve (up to max_nodes); "fixed": always max_nodes
+    #                           verify-cost curve (up to max_nodes), guarded by realised speed;
+    #                           "fixed": always the whole tree (max_nodes)
     recycle_k: int = 8        # next-token guesses kept per token by the recycle table
 
     def __post_init__(self) -> None:
@@ -46,87 +54,47 @@ class DraftConfig:
             raise ValueError("DraftConfig.sizing must be 'measured' or 'fixed'")
 
     def new_trie(self) -> TokenTrie:
-        return TokenTrie(max_match=self.max_match, window=self.max_match + self.max_depth,
-                         capacity=self.capacity, prompt_weight=self.prompt_weight)
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    steps: int = 0                 # verify forwards after prefill
-    draft_tokens: int = 0          # draft nodes verified, summed over steps
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    forward_s: float = 0.0
-    total_s: float = 0.0
-    accepted: list[int] = field(default_factory=list)  # tokens emitted per step
-    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (nodes proposed, accepted)
-
-    @property
-    def mean_accepted(self) -> float:
-        """Tokens per forward, bonus token included (1.0 = plain decoding)."""
-        return self.new_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s if self.total_s else 0.0
-
-    @property
-    def draft_share(self) -> float:
-        step = self.draft_s + self.forward_s
-        return self.draft_s / step if step else 0.0
-
-    def summary(self) -> str:
-        return (f"{self.new_tokens} tokens in {self.total_s:.2f}s ({self.tokens_per_s:.1f} tok/s), "
-                f"{self.steps} steps, {self.mean_accepted:.2f} accepted tokens/step, "
-                f"draft time {100 * self.draft_share:.1f}% of step time")
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str  # "stop" (eos or stop string) or "length"
+        return TokenTrie(max_match=self.max_match, window=self.max_match + self.max_depth, capacity=self.capacity)
 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, draft_config: DraftConfig | None = None,
-                 trie: TokenTrie | None = None) -> None:
-        TreeVerifier(model)  # refuse unsupported models now, not at the first request
+                 state: DraftState | None = None, cost: CostModel | None = None) -> None:
+        check_supported(model)  # refuse unsupported models now, not at the first request
         self.model, self.tokenizer = model, tokenizer
-        self.draft_config = draft_config or DraftConfig()
-        self.trie = trie or self.draft_config.new_trie()
-        self.drafting = self._draft_state()
+        self.draft_config = cfg = draft_config or DraftConfig()
+        self.vocab_size = _vocab_size(model)
+        self.model_id = _model_id(model)
+        self.state = state or self.new_state()
+        if cfg.sizing == "measured" and cost is None:
+            # Tiny unnamed models are measured afresh (milliseconds); named ones once per machine.
+            size = sum(p.numel() for p in model.parameters())
+            cost = load_cost(model, f"{self.model_id}-{size}") if self.model_id else measure_cost(model, context=64)
+        self.cost = cost if cfg.sizing == "measured" else None
+        # One policy for every request of this engine: what it learns about the machine is shared.
+        self.sizing = SizingPolicy(self.cost, guard=cfg.sizing == "measured")
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
-    def _draft_state(self) -> DraftState:
-        cfg, model = self.draft_config, self.model
-        recycle = None
-        if "recycle" in cfg.sources:
-            saved = self.trie.extra
-            if "recycle_tokens" in saved and saved["recycle_tokens"].shape[0] == _vocab_size(model):
-                recycle = RecycleTable.from_arrays(saved)
-            else:
-                recycle = RecycleTable(_vocab_size(model), cfg.recycle_k)
-        cost = None
-        if cfg.sizing == "measured":
-            name = getattr(model.config, "_name_or_path", "")
-            # Tiny unnamed models are measured afresh (milliseconds); named ones once per machine.
-            size = sum(p.numel() for p in model.parameters())
-            cost = cached_cost(model, f"{name}-{size}") if name else measure_cost(model)
-        return DraftState(self.trie, recycle, tuple(cfg.sources), cost)
+    # -- what drafting learns -------------------------------------------------------------
+    def new_state(self) -> DraftState:
+        cfg = self.draft_config
+        recycle = RecycleTable(self.vocab_size, cfg.recycle_k) if "recycle" in cfg.sources else None
+        return DraftState(cfg.new_trie(), recycle, tuple(cfg.sources))
 
-    def save_draft_state(self, path) -> None:
-        """Shared trie and recycle table in one safetensors file (load it with TokenTrie.load)."""
-        recycle = self.drafting.recycle
-        self.trie.save(path, extra=recycle.to_arrays() if recycle is not None else None)
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Shared trie, recycle table, calibration and trust curves in one file (`load_state` reads it)."""
+        self.state.save(path, model=self.model_id)
 
-    # -- prompts ------------------------------------------------------------------------
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Replace what drafting has learned by a saved state; a file that does not fit raises StateFileError."""
+        cfg = self.draft_config
+        self.state = DraftState.load(path, sources=tuple(cfg.sources), capacity=cfg.capacity,
+                                     vocab_size=self.vocab_size, recycle_k=cfg.recycle_k, model=self.model_id)
+
+    # -- prompts and requests ------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt).input_ids
@@ -143,6 +111,26 @@ class Engine:
             return self.tokenizer(text, add_special_tokens=False).input_ids
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
+    def request(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
+                draft: bool = True, sampling: SamplingParams | None = None, max_draft: int | None = None,
+                **params) -> Request:
+        """A checked request (tokenized prompt, limits, stop strings, accept rule) for the decode core."""
+        sampling = SamplingParams.of(sampling, **params)
+        ids = self.encode(prompt)
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        # Built now, so that a bad setting fails at the call, not at the first token.
+        accept = accept_greedy if sampling.plain_greedy else \
+            sampling.sampler(self.model, len(ids), self.eos_ids).accept
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return Request(ids, self.tokenizer, max_new_tokens=max_new_tokens, stops=stops, eos_ids=self.eos_ids,
+                       max_positions=self.max_positions, accept=accept, draft=draft, max_draft=max_draft)
+
+    def decoder(self) -> Decoder:
+        """A decode core over this engine's model, drafting state, sizing policy and cost curve."""
+        cfg = self.draft_config
+        return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost)
+
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
                  draft: bool = True, sampling: SamplingParams | None = None, **params) -> GenerationOutput:
@@ -154,128 +142,79 @@ class Engine:
         per-request `seed` (see SamplingParams). They override the fields of `sampling` if both are given.
         Drafting never changes the output distribution.
         """
-        run = _Run(self, prompt, max_new_tokens, stop, draft, SamplingParams.of(sampling, **params))
-        for _ in run:
-            pass
-        return run.output()
+        request = self.request(prompt, max_new_tokens, stop, draft, sampling, **params)
+        run(self.decoder(), [request], max_batch=1)
+        return _finished(request)
+
+    def generate_batch(self, prompts: Sequence[Prompt | Request], max_new_tokens: int = 256,
+                       stop: Sequence[str] | str | None = None, draft: bool = True,
+                       sampling: SamplingParams | None = None, max_batch: int = 16, progress: bool = True,
+                       **params) -> list[GenerationOutput]:
+        """Generate for every prompt with continuous batching; outputs in input order, each with its stats.
+
+        Up to `max_batch` requests share each forward; as one finishes the next prompt joins. Every
+        prompt is checked before anything runs, so a bad one fails the call at once. Greedy outputs are
+        those of `generate` one prompt at a time (fp32: token-identical to model.generate()). An item
+        may also be a `Request` from `engine.request(...)`, for settings that differ per prompt."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError("generate_batch takes a list of prompts (use generate for one)")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        requests = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, Request):
+                requests.append(prompt)
+                continue
+            try:
+                requests.append(self.request(prompt, max_new_tokens, stop, draft, sampling, **params))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        bar = tqdm(total=len(requests), unit="req", desc="generating", disable=not progress)
+        tokens = 0
+
+        def finished(request: Request) -> None:
+            nonlocal tokens
+            tokens += len(request.ids)
+            bar.update(1)
+            bar.set_postfix(tokens=tokens, refresh=False)
+
+        try:
+            run(self.decoder(), requests, max_batch, on_finish=finished)
+        finally:
+            bar.close()
+        return [_finished(r) for r in requests]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
                draft: bool = True, sampling: SamplingParams | None = None, **params) -> TextStream:
         """Text pieces as tokens are accepted; `.output` holds the full result once iterated.
 
         Takes the same sampling parameters as `generate`."""
-        return TextStream(_Run(self, prompt, max_new_tokens, stop, draft, SamplingParams.of(sampling, **params)))
+        return TextStream(self.decoder(), self.request(prompt, max_new_tokens, stop, draft, sampling, **params))
 
 
 class TextStream:
     """Iterate for text pieces (held back while they may start a stop string); then read `.output`."""
 
-    def __init__(self, run: _Run) -> None:
-        self._run = run
+    def __init__(self, decoder: Decoder, request: Request) -> None:
+        self._decoder, self.request = decoder, request
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[str]:
-        run, sent = self._run, 0
-        for _ in run:
-            text = run.text(final=False)
+        request, sent = self.request, 0
+        self._decoder.add(request)
+        while not request.done:
+            self._decoder.step()
+            text = request.text(final=request.done)
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
-        text = run.text(final=True)
-        if len(text) > sent:
-            yield text[sent:]
-        self.output = run.output()
+        self.output = _finished(request)
 
 
-class _Run:
-    """One request: iterating it runs decode steps; stops at eos, a stop string or the token limit."""
-
-    def __init__(self, engine: Engine, prompt: Prompt, max_new_tokens: int, stop, draft: bool,
-                 sampling: SamplingParams) -> None:
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        self.engine = engine
-        self.prompt = engine.encode(prompt)
-        if not self.prompt:
-            raise ValueError("the prompt is empty")
-        if engine.max_positions and len(self.prompt) >= engine.max_positions:
-            raise ValueError(f"prompt has {len(self.prompt)} tokens; the model's context window is "
-                             f"{engine.max_positions}")
-        self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        self.max_new_tokens = max_new_tokens
-        self.draft = draft
-        # Built now, so that a bad setting fails at the call, not at the first token.
-        self.accept = accept_greedy if sampling.plain_greedy else \
-            sampling.sampler(engine.model, len(self.prompt), engine.eos_ids).accept
-        self.ids: list[int] = []
-        self.finish_reason = "length"
-        self.stop_at: int | None = None  # character offset of a matched stop string
-        self.stats = GenerationStats(prompt_tokens=len(self.prompt))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        engine, stats = self.engine, self.stats
-        start = time.perf_counter()
-        session = engine.drafting.drafter(self.prompt) if self.draft else None
-        cfg = engine.draft_config
-        steps = decode(TreeVerifier(engine.model), self.prompt, session, Budget(cfg.max_nodes, cfg.max_depth),
-                       self.max_new_tokens, engine.max_positions, self.accept)
-        first = True
-        for step in steps:
-            if first:  # the first step's forward also covers the prefill
-                stats.prefill_s = time.perf_counter() - start - step.forward_s - step.draft_s
-                first = False
-            stats.steps += 1
-            stats.draft_tokens += step.draft_size
-            stats.draft_s += step.draft_s
-            stats.forward_s += step.forward_s
-            kept = self._append(step.tokens)
-            stats.accepted.append(kept)
-            stats.new_tokens = len(self.ids)
-            stats.total_s = time.perf_counter() - start
-            if session is not None:
-                stats.sources = {name: (s.proposed, s.accepted) for name, s in session.stats.items()}
-            yield step.tokens[:kept]
-            if self.finish_reason == "stop" or len(self.ids) >= self.max_new_tokens:
-                break
-
-    def _append(self, tokens: list[int]) -> int:
-        """Append tokens one by one up to the first stop; returns how many were kept."""
-        for i, token in enumerate(tokens):
-            if len(self.ids) >= self.max_new_tokens:
-                return i
-            self.ids.append(token)
-            if token in self.engine.eos_ids or self._hit_stop_string():
-                self.finish_reason = "stop"
-                return i + 1
-        return len(tokens)
-
-    def _hit_stop_string(self) -> bool:
-        if not self.stops:
-            return False
-        text = self._decode(self.ids)
-        before = len(self._decode(self.ids[:-1]))
-        for s in self.stops:
-            at = text.find(s, max(0, before - len(s) + 1))
-            if at >= 0:  # the stop string is completed by this token
-                self.stop_at = at if self.stop_at is None else min(self.stop_at, at)
-        return self.stop_at is not None
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def text(self, final: bool = True) -> str:
-        text = self._decode(self.ids)
-        if self.stop_at is not None:
-            return text[: self.stop_at]
-        if final:
-            return text
-        # Mid-stream: hold back an incomplete character and anything that may start a stop string.
-        text = text.rstrip("\ufffd")
-        hold = max((k for s in self.stops for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
-        return text[: len(text) - hold]
-
-    def output(self) -> GenerationOutput:
-        return GenerationOutput(self.text(), list(self.ids), self.stats, self.finish_reason)
+def _finished(request: Request) -> GenerationOutput:
+    if request.error is not None:
+        raise request.error
+    return request.output()
 
 
 def load(source: str | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
@@ -283,6 +222,11 @@ def load(source: str | None = None, dtype: str | torch.dtype = "bfloat16", devic
     """An Engine for a named model (default: the embedded SmolLM2-135M-Instruct), a .gguf file or an HF dir."""
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     return Engine(model, tokenizer, draft_config)
+
+
+def _model_id(model: torch.nn.Module) -> str:
+    """The model's name (its directory's), which a saved drafting state records: the same on every machine."""
+    return Path(str(getattr(model.config, "_name_or_path", "") or "")).name
 
 
 def _vocab_size(model: torch.nn.Module) -> int:

@@ -17,10 +17,15 @@ class DraftTree:
     parents: list[int]  # parents[0] == -1
     depths: list[int] = field(default_factory=list)
     children: list[list[int]] = field(default_factory=list)
+    # Optional, from the drafter: estimated probability that each node's path is accepted (root: 1);
+    # the sizing policy cuts best-first trees by it.
+    expected: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
             raise ValueError("DraftTree needs one parent per token and parents[0] == -1 (the root)")
+        if self.expected and len(self.expected) != len(self.tokens):
+            raise ValueError("DraftTree.expected needs one value per node")
         self.depths = [0] * len(self.tokens)
         self.children = [[] for _ in self.tokens]
         for i in range(1, len(self.tokens)):
@@ -37,6 +42,13 @@ class DraftTree:
     @classmethod
     def chain(cls, root: int, draft: list[int]) -> DraftTree:
         return cls([root, *draft], list(range(-1, len(draft))))
+
+    def prefix(self, n: int) -> DraftTree:
+        """The root and the first n draft nodes (a tree: parents come first)."""
+        k = n + 1
+        if k >= len(self.tokens):
+            return self
+        return DraftTree(self.tokens[:k], self.parents[:k], expected=self.expected[:k])
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -115,13 +114,6 @@ def _command(args, methods: list[str]) -> str:
         parts += ["--sampling", f"--temperature {args.temperature}", f"--top-p {args.top_p}",
                   f"--top-k {args.top_k}", f"--seed {args.seed}"]
     return " ".join(parts)
-
-
-def _check_sampling_supported(engine) -> None:
-    params = inspect.signature(engine.generate).parameters
-    if "do_sample" not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        raise RuntimeError("--sampling needs Engine.generate(do_sample=..., temperature=..., top_p=..., seed=...), "
-                           "which this version of lookahead does not have yet; run the benchmark greedy")
 
 
 def _passive_openmp() -> None:
@@ -275,7 +267,6 @@ def _bench(args) -> int:
     specs = [parse_method(n, engine.draft_config) for n in names]
     sampling = None
     if args.sampling:
-        _check_sampling_supported(engine)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     assistant = None
     if "assisted" in names:
@@ -344,7 +335,7 @@ def _bench(args) -> int:
             "max_new_tokens": args.max_new_tokens, "max_prompt_chars": args.max_prompt_chars,
             "assistant": assistant_name if assistant is not None else None,
             "draft_config": {"max_nodes": cfg.max_nodes, "max_depth": cfg.max_depth, "max_match": cfg.max_match,
-                             "capacity": cfg.capacity, "prompt_weight": cfg.prompt_weight},
+                             "capacity": cfg.capacity},
             "pld": {"prompt_lookup_num_tokens": 10}, "near_tie": threshold,
             "warm_source": args.warm_source, "warm_limit": args.warm_limit, "trie_scope": args.trie_scope,
             "warm_corpus_answers": len(ctx.warm_corpus),

@@ -1,10 +1,12 @@
 """Verify-cost curve t(k)/t(1): one forward over k new tokens on a cached context.
 
 Two paths are timed, each on a fresh copy of the same prefilled cache (copy untimed):
-- "tree": the engine's own verify step (TreeVerifier.verify: additive 4D tree mask, explicit
-  position ids, logits for every node), with a k-node chain as the tree;
+- "tree": the engine's own verify step (decoding.verify.Verifier, a batch of one: additive 4D
+  tree mask, explicit position ids, logits for every node), with a k-node chain as the tree;
 - "plain": `model(x[:, :k], past_key_values=cache)` with transformers' own causal mask.
 Repetitions are interleaved across k and path (`timing.interleaved`); the median is kept.
+This is the report's view (medians, both paths, up to large k); the engine's own curve, the one
+sizing reads, is `decoding.cost.measure_cost`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..decoding.loop import TreeVerifier
+from ..decoding.verify import Verifier
 from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
 from .stats import median
@@ -47,8 +49,8 @@ def cost_curve(model: torch.nn.Module, ids: list[int], context: int = 512, ks: S
     """{"ks", "context", path: {"median_ms": [...], "min_ms", "max_ms", "ratio": t(k)/t(1)}}."""
     if len(ids) < context + max(ks):
         raise ValueError(f"need {context + max(ks)} token ids, got {len(ids)}")
-    verifier = TreeVerifier(model)
-    verifier.prefill(ids[:context])
+    verifier = Verifier(model)
+    verifier.add(0, ids[:context])
     base_cache, device = verifier.cache, verifier.device
     new = ids[context:]
 
@@ -56,9 +58,11 @@ def cost_curve(model: torch.nn.Module, ids: list[int], context: int = 512, ks: S
         path, k = case
         cache = copy.deepcopy(base_cache)
         if path == "tree":
-            verifier.cache, verifier.past = cache, context
+            verifier.cache = cache
             tree = DraftTree.chain(new[0], new[1:k])
-            return stopwatch(lambda: verifier.verify(tree), device)
+            seconds = stopwatch(lambda: verifier.verify([tree]), device)
+            verifier.abort()
+            return seconds
         x = torch.tensor([new[:k]], device=device)
         return stopwatch(lambda: model(input_ids=x, past_key_values=cache, use_cache=True), device)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..drafting.drafter import SOURCES
+from ..drafting.state import SOURCES
 from ..engine import DraftConfig, Engine
 from .stats import BASELINE, Record
 
@@ -137,7 +137,8 @@ class Context:
         if spec.warm:
             for tail, answer in self.warm_corpus:
                 trie.insert(list(tail[-cfg.max_match:]) + list(answer))
-        engine = Engine(self.engine.model, self.engine.tokenizer, cfg, trie=trie)
+        engine = Engine(self.engine.model, self.engine.tokenizer, cfg, cost=self.engine.cost)
+        engine.state.trie = trie
         if self.trie_scope == "run":
             self._engines[spec.name] = engine
         return engine

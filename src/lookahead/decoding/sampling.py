@@ -21,7 +21,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..tree import DraftTree
-from .verify import accept_walk
+from .accept import accept_walk
 
 _SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 

@@ -1,66 +1,207 @@
-"""Accept rules: walk the model's own choices down the draft tree.
+"""The verifier: one forward over a ragged batch of draft trees (a single request is a batch of one).
 
-Greedy: at each node take the argmax of that node's logits; descend into the child that
-carries that token, if any. The tokens emitted are exactly those plain greedy decoding
-would emit, one bonus token past the last accepted draft node included.
+Layout. The batch shares one DynamicCache whose layers hold [B, heads, L, head_dim]. Row i's
+committed keys sit at [0, past_i); [past_i, L) is padding that the mask hides (L = the longest
+row's past). A step right-pads every row's tree to q = the largest tree and appends those q
+query tokens for all rows, so after the forward the cache holds L + q positions per row:
 
-Any other choice (sampling, processors): `accept_walk` makes one choice per *visited* node
-from the token path leading to it, descends into the child carrying the chosen token, and
-stops at the first node without one. Each emitted token is thus drawn from exactly the
-distribution plain decoding would draw it from, given the same preceding tokens: a child is
-taken with probability p(child), the bonus token is the draw itself (SpecInfer's multi-step
-rule for one-hot drafts). Branches are never sampled independently; siblings with the same
-token share the one draw (the first such child is followed).
+    row 0:  [ committed (past_0)   | pad          ][ tree 0 (n_0) | pad ]
+    row 1:  [ committed (past_1)                  ][ tree 1 (n_1)       ]
+            0                                     L                     L + q
+
+Each row's query i sees its committed prefix and its own tree ancestors (a padding query
+sees only itself, so every softmax row has one visible key), positions are past_i + depth.
+`commit` moves each row's accepted nodes to [past_i, past_i + a_i) with one index copy per
+layer and crops to the new common length: a row's keys never move otherwise, so compaction
+costs O(accepted tokens), not O(cache).
+
+Rows join between steps (`add`: prefilled alone, then merged into the batch with padding)
+and leave between steps (`remove`: their cache rows are dropped at once). Sliding-window
+layers keep a full-length cache (see kv.py) and get their window in the mask, by the same rule as
+transformers' sliding_window_overlay (key position > query position - window).
+
+Masks are additive floats: transformers passes a 4D mask through untouched and eager attention
+*adds* it to the scores (a boolean mask would be silently ignored).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from ..tree import DraftTree
-
-# (tree, logits [n, vocab], context = prompt + emitted tokens) -> (accepted node indices, emitted tokens)
-AcceptRule = Callable[[DraftTree, torch.Tensor, list[int]], tuple[list[int], list[int]]]
-
-
-def accept_greedy(tree: DraftTree, logits: torch.Tensor, context: list[int] | None = None
-                  ) -> tuple[list[int], list[int]]:
-    """Return (accepted node indices from the root, emitted tokens).
-
-    `logits` is [n, vocab] for the tree's nodes. The emitted tokens are the accepted draft
-    tokens followed by the bonus token, so len(emitted) == len(nodes).
-    """
-    choice = logits.argmax(dim=-1).tolist()
-    nodes, emitted = [0], []
-    node = 0
-    while True:
-        token = choice[node]
-        emitted.append(token)
-        child = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
-        if child is None:
-            return nodes, emitted
-        nodes.append(child)
-        node = child
+from .kv import check_cache, new_cache
+from .support import ModelBound
 
 
-def accept_walk(tree: DraftTree, logits: torch.Tensor, context: list[int],
-                choose: Callable[[list[int], torch.Tensor], int]) -> tuple[list[int], list[int]]:
-    """Like `accept_greedy`, with `choose(path_ids, node_logits) -> token` at each visited node.
+class Verifier(ModelBound):
+    """Owns the KV cache of a ragged batch of sequences, each keyed by a hashable id."""
 
-    `context` ends with the root's token; `path_ids` is context + the draft tokens from the
-    root down to the node, i.e. the input_ids plain decoding would have at that position.
-    `choose` runs at most depth + 1 times per step, never on unvisited nodes.
-    """
-    path = list(context)
-    nodes, emitted = [0], []
-    node = 0
-    while True:
-        token = choose(path, logits[node])
-        emitted.append(token)
-        child = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
-        if child is None:
-            return nodes, emitted
-        nodes.append(child)
-        path.append(token)
-        node = child
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.cache: DynamicCache = new_cache()
+        self.keys: list[Hashable] = []   # row order == batch index
+        self.past: list[int] = []        # committed tokens in each row's cache
+        self.length = 0                  # L: common cache length (max past)
+        self._step: tuple[int, int, list[int]] | None = None  # (L, q, tree sizes) between verify and commit
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.keys
+
+    # -- rows joining and leaving ---------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, key: Hashable, ids: Sequence[int]) -> None:
+        """Prefill `ids` (a prompt without its last token: that token is the first tree's root) as a new row."""
+        if key in self.keys:
+            raise ValueError(f"row {key!r} is already in the batch")
+        if self._step is not None:
+            raise RuntimeError("rows can only join between steps (after commit)")
+        row = new_cache()
+        if ids:
+            self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=row,
+                       use_cache=True, logits_to_keep=1)
+            check_cache(row)
+        self._merge(row, len(ids))
+        self.keys.append(key)
+        self.past.append(len(ids))
+
+    @torch.inference_mode()
+    def remove(self, keys: Sequence[Hashable]) -> None:
+        """Drop rows (finished or cancelled) and their cache at once."""
+        if self._step is not None:
+            raise RuntimeError("rows can only leave between steps (after commit)")
+        gone = set(keys)
+        keep = [i for i, k in enumerate(self.keys) if k not in gone]
+        if len(keep) == len(self.keys):
+            return
+        self.keys = [self.keys[i] for i in keep]
+        self.past = [self.past[i] for i in keep]
+        if not keep:
+            self.cache, self.length = new_cache(), 0
+            return
+        self.length = max(self.past)
+        index = torch.tensor(keep, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, : self.length]
+            layer.values = layer.values.index_select(0, index)[:, :, : self.length]
+
+    def _merge(self, row: DynamicCache, past: int) -> None:
+        """Append a one-row cache of `past` positions to the batch, padding both to a common length."""
+        length = max(self.length, past)
+        batch_layers, row_layers = self.cache.layers, row.layers
+        if not row_layers and not batch_layers:  # nothing cached on either side yet
+            self.length = length
+            return
+        template = row_layers or batch_layers
+
+        def pad(x: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+            if x is None:
+                shape = (rows, like.shape[1], length, like.shape[3])
+                return torch.zeros(shape, dtype=like.dtype, device=like.device)
+            if x.shape[2] < length:
+                extra = x.new_zeros(x.shape[0], x.shape[1], length - x.shape[2], x.shape[3])
+                x = torch.cat([x, extra], dim=2)
+            return x[:, :, :length]
+
+        merged = self.cache if batch_layers else row
+        for i, ref in enumerate(template):
+            old = batch_layers[i] if batch_layers else None
+            new = row_layers[i] if row_layers else None
+            rows = len(self.keys)
+            keys = torch.cat([pad(old.keys if old else None, rows, ref.keys),
+                              pad(new.keys if new else None, 1, ref.keys)], dim=0)
+            values = torch.cat([pad(old.values if old else None, rows, ref.values),
+                                pad(new.values if new else None, 1, ref.values)], dim=0)
+            merged.layers[i].keys, merged.layers[i].values = keys, values
+        self.cache, self.length = merged, length
+
+    # -- one step ---------------------------------------------------------------------------
+    def inputs(self, trees: Sequence[DraftTree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict]:
+        """input_ids [B, q], position_ids [B, q] and the additive mask(s) [B, 1, q, L + q] of one step."""
+        if len(trees) != len(self.keys):
+            raise ValueError(f"{len(trees)} trees for {len(self.keys)} rows")
+        batch, length = len(trees), self.length
+        q = max(len(t) for t in trees)
+        input_ids = torch.zeros(batch, q, dtype=torch.long)
+        positions = torch.zeros(batch, q, dtype=torch.long)
+        visible = torch.zeros(batch, q, length + q, dtype=torch.bool)
+        pad_q = torch.arange(q)
+        for i, (tree, past) in enumerate(zip(trees, self.past, strict=True)):
+            n = len(tree)
+            input_ids[i, :n] = torch.tensor(tree.tokens)
+            positions[i, :n] = tree.position_ids(past)
+            positions[i, n:] = past  # padding queries: any valid position, their output is discarded
+            visible[i, :n, :past] = True
+            visible[i, :n, length: length + n] = tree.ancestor_mask()
+            visible[i, pad_q[n:], length + pad_q[n:]] = True
+        masks = {}
+        for kind in set(self.types):
+            seen = visible
+            if kind == "sliding_attention" and self.window is not None:
+                # Cache column c of a row holds position c; tree columns hold the query positions.
+                k_pos = torch.cat([torch.arange(length).expand(batch, length), positions], dim=1)
+                seen = visible & (k_pos[:, None, :] > positions[:, :, None] - self.window)
+            additive = torch.zeros(batch, q, length + q, dtype=self.dtype)
+            additive.masked_fill_(~seen, torch.finfo(self.dtype).min)
+            masks[kind] = additive[:, None].to(self.device)
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
+        return input_ids.to(self.device), positions.to(self.device), mask
+
+    @torch.inference_mode()
+    def verify(self, trees: Sequence[DraftTree]) -> list[torch.Tensor]:
+        """One forward over every row's tree (row order); returns each row's logits [n_i, vocab]."""
+        if not trees:
+            return []
+        if self._step is not None:
+            raise RuntimeError("commit the previous step first")
+        input_ids, positions, mask = self.inputs(trees)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True)
+        if not self.keys or not self.cache.layers:
+            raise RuntimeError("the model did not fill the KV cache")
+        self._step = (self.length, input_ids.shape[1], [len(t) for t in trees])
+        return [out.logits[i, : len(t)] for i, t in enumerate(trees)]
+
+    @torch.inference_mode()
+    def commit(self, accepted: Sequence[Sequence[int]]) -> None:
+        """Keep each row's accepted tree nodes (indices from the root, row order); drop the rest."""
+        if self._step is None:
+            raise RuntimeError("commit needs a verify first")
+        length, q, sizes = self._step
+        if len(accepted) != len(self.keys):
+            raise ValueError(f"{len(accepted)} accepted paths for {len(self.keys)} rows")
+        rows, dst, src = [], [], []
+        for i, nodes in enumerate(accepted):
+            if not nodes or nodes[0] != 0 or any(not 0 <= n < sizes[i] for n in nodes):
+                raise ValueError(f"row {i}: accepted nodes {list(nodes)} must start at the root and lie in its tree")
+            past = self.past[i]
+            rows += [i] * len(nodes)
+            dst += range(past, past + len(nodes))
+            src += [length + n for n in nodes]
+            self.past[i] = past + len(nodes)
+        self.length = max(self.past)
+        if dst != src:  # else every row is already in place (e.g. one row, first branch accepted)
+            r = torch.tensor(rows, device=self.device)
+            d = torch.tensor(dst, device=self.device)
+            s = torch.tensor(src, device=self.device)
+            for layer in self.cache.layers:
+                layer.keys[r, :, d] = layer.keys[r, :, s]
+                layer.values[r, :, d] = layer.values[r, :, s]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, : self.length]
+            layer.values = layer.values[:, :, : self.length]
+        self._step = None
+
+    def abort(self) -> None:
+        """Forget a verify that will not be committed (e.g. the accept rule failed): drop the tree keys."""
+        if self._step is None:
+            return
+        length = self._step[0]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+        self._step = None

@@ -46,17 +46,8 @@ class ScoredTree:
     scores: list[float]                 # estimated probability that each node's path is accepted (root: 1)
     proposals: list[dict[str, float]] = field(default_factory=list)  # per node: proposing source -> its own probability
 
-    @property
-    def sources(self) -> list[frozenset[str]]:
-        return [frozenset(p) for p in self.proposals]
-
 
 Trust = Callable[[float], float]  # a source's probability -> P(model accepts the token | parent accepted)
-
-
-def scaled(weight: float) -> Trust:
-    """A fixed trust: the source's probability times `weight`."""
-    return lambda p: weight * p
 
 
 def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget,

@@ -45,16 +45,18 @@ class RecycleTable:
     def cursor(self, token: int) -> RecycleCursor | None:
         return RecycleCursor(self, token) if 0 <= token < self.vocab_size and self._probs[token, 0] > 0 else None
 
-    def to_arrays(self) -> dict[str, torch.Tensor]:
-        return {"recycle_tokens": self.tokens, "recycle_probs": self.probs}
-
     @classmethod
-    def from_arrays(cls, arrays: dict[str, torch.Tensor]) -> RecycleTable:
-        tokens, probs = arrays["recycle_tokens"], arrays["recycle_probs"]
-        if tokens.shape != probs.shape or tokens.dim() != 2:
-            raise ValueError("recycle table arrays have mismatched shapes")
+    def from_arrays(cls, tokens: torch.Tensor, probs: torch.Tensor) -> RecycleTable:
+        """A table from saved arrays; ValueError says what does not fit."""
+        if tokens.dim() != 2 or tokens.shape != probs.shape or tokens.dtype.is_floating_point:
+            raise ValueError("recycle table arrays have mismatched shapes or types")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= tokens.shape[0]):
+            raise ValueError("the recycle table holds token ids beyond its vocabulary")
+        probs = probs.to(torch.float16)
+        if not bool(torch.isfinite(probs).all()) or (probs.numel() and (probs.min() < 0 or probs.max() > 1)):
+            raise ValueError("the recycle table holds probabilities outside [0, 1]")
         table = cls(tokens.shape[0], tokens.shape[1])
-        table._set(tokens.to(torch.int32).contiguous(), probs.to(torch.float16).contiguous())
+        table._set(tokens.to(torch.int32).contiguous(), probs.contiguous())
         return table
 
 

@@ -9,32 +9,14 @@ so a node's count is the number of times its n-gram occurred. Two scopes:
   dropped with the session, so nothing of one prompt leaks into the next request.
 
 Retrieval matches the longest suffix of the context (up to `max_match` tokens) in each scope
-and grows one tree best-first by estimated path probability (product of count ratios, the
-two scopes mixed), up to a node and a depth budget.
+and hands the fused tree builder (fusion.py) one cursor per scope: continuations ranked by count.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
-import os
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from ..tree import DraftTree
-from .fusion import Budget, Trust, build_tree, scaled
-
-FILE_FORMAT = "lookahead-trie"
-FILE_VERSION = "1"
-
-
-class TrieFileError(ValueError):
-    """A trie file that is not ours, is corrupted, or does not fit this trie."""
 
 
 class _Node:
@@ -117,19 +99,14 @@ class NodeCursor:
 class TokenTrie:
     """The shared scope and its settings; `session(prompt)` opens a request."""
 
-    def __init__(self, max_match: int = 4, window: int = 16, capacity: int = 200_000,
-                 prompt_weight: float = 0.5) -> None:
+    def __init__(self, max_match: int = 4, window: int = 16, capacity: int = 200_000) -> None:
         if not 1 <= max_match < window:
             raise ValueError("need 1 <= max_match < window")
         if capacity < 1:
             raise ValueError("capacity must be positive")
-        if not 0.0 <= prompt_weight <= 1.0:
-            raise ValueError("prompt_weight must be in [0, 1]")
         self.max_match, self.window, self.capacity = max_match, window, capacity
-        self.prompt_weight = prompt_weight
         self.shared = _Scope()
         self.lock = threading.RLock()
-        self.extra: dict[str, torch.Tensor] = {}  # arrays loaded with the trie that belong to others
 
     def __len__(self) -> int:
         return self.shared.size
@@ -150,50 +127,21 @@ class TokenTrie:
             scope.size = _decay(scope.root)
             scope.epoch += 1
 
-    # -- persistence: safetensors arrays + metadata, never pickle -------------------------
-    def save(self, path: str | os.PathLike, extra: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the shared scope (plus `extra` arrays stored alongside, e.g. the recycle table)."""
+    # -- persistence (the file itself is DraftState's: one file for everything drafting learns)
+    def to_arrays(self) -> dict[str, torch.Tensor]:
+        """Breadth-first node arrays of the shared scope: parent index (-1 = root), token, count."""
         with self.lock:
             parents, tokens, counts = _flatten(self.shared.root)
-        arrays = {"parents": torch.tensor(parents, dtype=torch.int64),
-                  "tokens": torch.tensor(tokens, dtype=torch.int64),
-                  "counts": torch.tensor(counts, dtype=torch.int64)}
-        if extra and set(extra) & set(arrays):
-            raise ValueError("extra arrays must not reuse the trie's own names")
-        arrays.update({k: v.contiguous() for k, v in (extra or {}).items()})
-        meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "sha256": _digest(arrays),
-                "settings": json.dumps({"max_match": self.max_match, "window": self.window})}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=meta)
-            os.replace(tmp, path)  # atomic: a crash mid-save leaves the old file intact
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        return {"parents": torch.tensor(parents, dtype=torch.int64), "tokens": torch.tensor(tokens, dtype=torch.int64),
+                "counts": torch.tensor(counts, dtype=torch.int64)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, capacity: int = 200_000, prompt_weight: float = 0.5) -> TokenTrie:
-        try:
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            arrays = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise TrieFileError(f"{path}: not a readable trie file ({e})") from e
-        if meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
-            raise TrieFileError(f"{path}: not a lookahead trie file (format {meta.get('format')!r}, "
-                                f"version {meta.get('version')!r})")
-        if not {"parents", "tokens", "counts"} <= set(arrays) or meta.get("sha256") != _digest(arrays):
-            raise TrieFileError(f"{path}: trie file is corrupted (checksum mismatch)")
-        settings = json.loads(meta["settings"])
-        trie = cls(max_match=settings["max_match"], window=settings["window"], capacity=capacity,
-                   prompt_weight=prompt_weight)
-        trie.shared.size = _unflatten(trie.shared.root, arrays, path)
+    def from_arrays(cls, arrays: dict[str, torch.Tensor], max_match: int, window: int,
+                    capacity: int = 200_000) -> TokenTrie:
+        """The inverse of `to_arrays`; ValueError names what is inconsistent."""
+        trie = cls(max_match=max_match, window=window, capacity=capacity)
+        trie.shared.size = _unflatten(trie.shared.root, arrays)
         trie._bound()
-        trie.extra = {k: v for k, v in arrays.items() if k not in ("parents", "tokens", "counts")}
         return trie
 
 
@@ -217,21 +165,11 @@ class TrieSession:
             self._shared_feed.feed(tokens)
             self.trie._bound()
 
-    def cursors(self, context: list[int]) -> dict[str, tuple[Trust, NodeCursor | None]]:
+    def cursors(self, context: list[int]) -> dict[str, NodeCursor | None]:
         """Root cursors of both scopes for the tree builder (call with `trie.lock` held)."""
-        trie = self.trie
-        request = self.request.match(context, trie.max_match)
-        shared = trie.shared.match(context, trie.max_match)
-        # Fixed trusts for trie-only drafting (the fused drafter learns its own per source): the
-        # more trusted scope at 1, the other in proportion.
-        top = max(trie.prompt_weight, 1.0 - trie.prompt_weight)
-        return {"prompt": (scaled(trie.prompt_weight / top), request and NodeCursor(request)),
-                "history": (scaled((1.0 - trie.prompt_weight) / top), shared and NodeCursor(shared))}
-
-    def propose(self, context: list[int], budget: Budget) -> DraftTree:
-        """Best-first draft tree rooted at context[-1], from this trie alone."""
-        with self.trie.lock:
-            return build_tree(context[-1], self.cursors(context), budget).tree
+        request = self.request.match(context, self.trie.max_match)
+        shared = self.trie.shared.match(context, self.trie.max_match)
+        return {"prompt": request and NodeCursor(request), "history": shared and NodeCursor(shared)}
 
 
 def _decay(root: _Node) -> int:
@@ -266,14 +204,16 @@ def _flatten(root: _Node) -> tuple[list[int], list[int], list[int]]:
     return parents, tokens, counts
 
 
-def _unflatten(root: _Node, arrays: dict[str, torch.Tensor], path) -> int:
+def _unflatten(root: _Node, arrays: dict[str, torch.Tensor]) -> int:
+    if any(arrays[k].dtype.is_floating_point or arrays[k].dim() != 1 for k in ("parents", "tokens", "counts")):
+        raise ValueError("trie arrays must be 1-D integer arrays")
     parents, tokens, counts = (arrays[k].tolist() for k in ("parents", "tokens", "counts"))
     if not len(parents) == len(tokens) == len(counts):
-        raise TrieFileError(f"{path}: trie arrays differ in length")
+        raise ValueError("trie arrays differ in length")
     nodes: list[_Node] = []
     for i, (p, t, c) in enumerate(zip(parents, tokens, counts, strict=True)):
         if not -1 <= p < i or c <= 0 or t < 0:
-            raise TrieFileError(f"{path}: trie file is inconsistent at node {i}")
+            raise ValueError(f"trie node {i} is inconsistent (parent {p}, token {t}, count {c})")
         parent = root if p < 0 else nodes[p]
         child = _Node()
         child.count = c
@@ -281,11 +221,3 @@ def _unflatten(root: _Node, arrays: dict[str, torch.Tensor], path) -> int:
         parent.total += c
         nodes.append(child)
     return len(nodes)
-
-
-def _digest(arrays: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        h.update(key.encode())
-        h.update(arrays[key].contiguous().numpy().tobytes())
-    return h.hexdigest()

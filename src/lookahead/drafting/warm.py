@@ -142,8 +142,10 @@ def warm(corpus: str | os.PathLike, out: str | os.PathLike | None, tokenizer, tr
     if report.sequences == 0:
         raise ValueError(f"{corpus}: no usable record (expected JSONL lines with 'messages', "
                          f"'prompt' + one of {ANSWER_KEYS}, or 'text')")
-    if out is not None:
-        trie.save(out)
+    if out is not None:  # a draft-state file holding only the trie: the server loads it with --trie
+        from .state import DraftState
+        name = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
+        DraftState(trie, sources=("prompt", "history")).save(out, model=name)
     if log:
         log(report.summary())
     return report

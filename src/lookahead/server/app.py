@@ -1,15 +1,14 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions, models, health, metrics.
 
-Handlers validate and tokenize a request, build the engine's own `_Run` for it (limits, stop
-strings, accept rule), and hand it to the `Scheduler`'s decode thread; tokens come back as
-events on an asyncio queue and leave as one JSON body or as server-sent events.
+Handlers validate and tokenize a request, build the engine's own `Request` for it (limits, stop
+strings, accept rule), and hand it to the `Scheduler`'s decode thread (the engine's decode core);
+tokens come back as events on an asyncio queue and leave as one JSON body or as server-sent events.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -26,21 +25,19 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..drafting.trie import TokenTrie, TrieFileError
+from ..decoding.sampling import SamplingParams
+from ..drafting.state import StateFileError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .scheduler import DraftPolicy, Event, QueueFull, Scheduler
-from .scheduler import Request as GenRequest
+from .scheduler import Event, Job, QueueFull, Scheduler
 from .schemas import APIError, ChatRequest, CompletionRequest, parse, refuse_unsupported
 
 log = logging.getLogger("lookahead.server")
 
 
-# -- the shared trie on disk -------------------------------------------------------------------
-def load_trie(engine, path: str | os.PathLike | None) -> str:
-    """Load `path` into engine.trie if it exists; a bad file is moved aside and the trie starts empty.
-
-    Returns a one-line status, also logged (and shown by /health).
-    """
+# -- what drafting learned, on disk ------------------------------------------------------------
+def load_state(engine, path: str | os.PathLike | None) -> str:
+    """Load `path` into the engine's drafting state if it exists; a bad file is moved aside and the
+    state starts empty. Returns a one-line status, also logged (and shown by /health)."""
     if path is None:
         return "not persisted (no --trie)"
     path = Path(path)
@@ -48,25 +45,22 @@ def load_trie(engine, path: str | os.PathLike | None) -> str:
         status = f"{path} does not exist yet; starting with an empty trie (saved there later)"
         log.info("trie: %s", status)
         return status
-    cfg = engine.draft_config
     try:
-        engine.trie = TokenTrie.load(path, capacity=cfg.capacity, prompt_weight=cfg.prompt_weight)
-    except TrieFileError as e:
+        engine.load_state(path)
+    except StateFileError as e:
         aside = path.with_name(path.name + ".corrupt")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
         status = f"refused {e}; starting with an EMPTY trie (the bad file was moved to {aside})"
         log.error("trie: %s", status)
         return status
-    if callable(getattr(engine, "_draft_state", None)):  # rebuild the engine's drafting over the loaded trie
-        engine.drafting = engine._draft_state()
-    status = f"loaded {len(engine.trie)} nodes from {path}"
+    status = f"loaded {len(engine.state.trie)} nodes from {path}"
     log.info("trie: %s", status)
     return status
 
 
-class TrieKeeper:
-    """Saves the shared trie every `every` seconds when it has learned something, and at shutdown."""
+class StateKeeper:
+    """Saves the drafting state every `every` seconds when it has learned something, and at shutdown."""
 
     def __init__(self, engine, scheduler: Scheduler, path: str | os.PathLike, every: float) -> None:
         self.engine, self.scheduler, self.path, self.every = engine, scheduler, Path(path), every
@@ -76,20 +70,19 @@ class TrieKeeper:
         self.saves = 0
 
     def _marker(self) -> tuple[int, int, int]:
-        return id(self.engine.trie), self.scheduler.stats.emitted, len(self.engine.trie)
+        return id(self.engine.state), self.scheduler.stats.emitted, len(self.engine.state.trie)
 
     def save_if_changed(self) -> bool:
         marker = self._marker()
         if marker == self._saved:
             return False
         try:
-            save = getattr(self.engine, "save_draft_state", None)  # trie + what the engine keeps with it
-            save(self.path) if callable(save) else self.engine.trie.save(self.path)
+            self.engine.save_state(self.path)
         except OSError as e:  # a full disk must not take the server down
             log.error("trie: could not save to %s: %s", self.path, e)
             return False
         self._saved, self.saves = marker, self.saves + 1
-        log.info("trie: saved %d nodes to %s", len(self.engine.trie), self.path)
+        log.info("trie: saved %d nodes to %s", len(self.engine.state.trie), self.path)
         return True
 
     def start(self) -> None:
@@ -107,24 +100,6 @@ class TrieKeeper:
         self.save_if_changed()
 
 
-# -- runs: the engine's own request object ----------------------------------------------------
-def _sampling_supported() -> bool:
-    from ..engine import _Run
-    return "sampling" in inspect.signature(_Run).parameters
-
-
-def new_run(engine, ids: list[int], max_tokens: int, stops: list[str], draft: bool, sampling: dict[str, Any]):
-    """The engine's `_Run` for one request: prompt checks, stop logic and the accept rule it uses."""
-    from ..engine import _Run
-    if _sampling_supported():
-        from ..decoding.sampling import SamplingParams
-        return _Run(engine, ids, max_tokens, stops, draft, SamplingParams.of(**sampling))
-    if sampling.get("do_sample") or sampling.get("presence_penalty") or sampling.get("frequency_penalty"):
-        raise APIError(400, "sampling (temperature > 0) and penalties are not supported yet; use temperature=0",
-                       param="temperature", code="unsupported_value")
-    return _Run(engine, ids, max_tokens, stops, draft)
-
-
 def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
     temperature = default_temperature if req.temperature is None else float(req.temperature)
     args: dict[str, Any] = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
@@ -138,14 +113,13 @@ def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
 # -- the app --------------------------------------------------------------------------------------
 def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None = None,
                trie_path: str | os.PathLike | None = None, save_every: float = 300.0, max_batch: int = 32,
-               max_waiting: int = 512, draft: bool = True, policy: DraftPolicy | None = None,
-               max_tokens_limit: int | None = None, default_temperature: float = 0.0,
+               max_waiting: int = 512, draft: bool = True, max_tokens_limit: int | None = None, default_temperature: float = 0.0,
                max_body_bytes: int = 4 << 20) -> FastAPI:
     """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan."""
-    trie_status = load_trie(engine, trie_path)
-    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, draft=draft, policy=policy)
-    metrics = Metrics(scheduler, lambda: engine.trie)
-    keeper = TrieKeeper(engine, scheduler, trie_path, save_every) if trie_path is not None else None
+    trie_status = load_state(engine, trie_path)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
+    metrics = Metrics(scheduler, lambda: engine.state.trie)
+    keeper = StateKeeper(engine, scheduler, trie_path, save_every) if trie_path is not None else None
     encode_lock = threading.Lock()  # HF tokenizers are not safe to call from several threads at once
     max_positions = engine.max_positions
     limit = max_tokens_limit or max_positions or 4096
@@ -157,9 +131,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         scheduler.start()
         if keeper:
             keeper.start()
-        policy_ = scheduler.policy
-        log.info("serving %s: drafting %s, max batch %d, draft off from batch %d", model_name,
-                 "on" if draft else "off", max_batch, policy_.switch_off_batch())
+        log.info("serving %s: drafting %s, max batch %d, cost %s", model_name, "on" if draft else "off", max_batch,
+                 engine.cost)
         try:
             yield
         finally:
@@ -214,7 +187,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         with encode_lock:
             return engine.encode(prompt)
 
-    async def prepare(req, chat: bool) -> GenRequest:
+    async def prepare(req, chat: bool) -> Job:
         refuse_unsupported(req)
         if req.model != model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
@@ -252,18 +225,19 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                            param=param, code="context_length_exceeded")
         sampling = _sampling_args(req, default_temperature)
         try:
-            run = await run_in_threadpool(new_run, engine, ids, max_tokens, req.stops(), draft, sampling)
+            gen = await run_in_threadpool(engine.request, ids, max_tokens, req.stops(), draft,
+                                          SamplingParams.of(**sampling))
         except ValueError as e:  # the engine's own checks (sampling parameters, limits)
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        request = GenRequest(run, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-        request.queue = queue  # type: ignore[attr-defined]
+        job = Job(gen, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        job.queue = queue  # type: ignore[attr-defined]
         try:
-            scheduler.submit(request)
+            scheduler.submit(job)
         except QueueFull as e:
             raise APIError(503, str(e), code="overloaded") from None
-        return request
+        return job
 
     async def complete(path: str, request: Request, chat: bool) -> Response:
         authorize(request)
@@ -313,7 +287,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         metrics.count(path, 200)
         return JSONResponse(body)
 
-    async def stream(gen: GenRequest, rid: str, now: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(gen: Job, rid: str, now: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
@@ -383,24 +357,19 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         return model_card()
 
     def policy_info() -> dict[str, Any]:
-        p = scheduler.policy
-        info: dict[str, Any] = {"max_nodes": p.max_nodes}
-        if draft:
-            info["nodes_per_row"] = {b: p.nodes_per_row(b) for b in (1, 2, 4, 8, 16, 32)}
-            info["off_from_batch"] = p.switch_off_batch()
-        if p.cost is not None:
-            info["cost_ms"] = {t: round(1000 * s, 2) for t, s in zip(p.cost.tokens, p.cost.seconds, strict=True)}
-            info["gain_per_budget"] = {n: round(g, 3) for n, g in sorted(p.gains.items())}
-            info["nodes_used_per_budget"] = {n: round(u, 2) for n, u in sorted(p.used.items())}
-        else:
-            info["token_budget"] = p.token_budget
+        cfg, sizing = engine.draft_config, engine.sizing
+        info: dict[str, Any] = {"max_nodes": cfg.max_nodes, "max_depth": cfg.max_depth, "sizing": cfg.sizing}
+        if engine.cost is not None:
+            info["cost_ms"] = {t: round(1000 * s, 2) for t, s in zip(engine.cost.tokens, engine.cost.seconds,
+                                                                      strict=True)}
+            info["drafting_loses_at_batch"] = [b for b in (1, 2, 4, 8, 16, 32) if sizing.drafting_loses(b)]
         return info
 
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = scheduler.alive
         body = {"status": "ok" if ok else "error", "model": model_name, "decode_thread": ok,
-                "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.trie),
+                "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.state.trie),
                 "trie": trie_status, "drafting": draft, "draft_policy": policy_info()}
         return JSONResponse(body, status_code=200 if ok else 503)
 

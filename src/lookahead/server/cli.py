@@ -28,14 +28,10 @@ def add_parser(sub) -> None:
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
-    serve.add_argument("--no-calibrate", action="store_true",
-                       help="skip measuring the forward cost curve at start; trees then shrink by --token-budget")
-    serve.add_argument("--token-budget", type=int, default=None,
-                       help="with --no-calibrate: query tokens per forward drafts may fill (per row: budget // batch"
-                       " - 1; default 32)")
-    serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at batch size 1")
+    serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at most")
     serve.add_argument("--sizing", choices=["measured", "fixed"], default=None,
-                       help="the engine drafter's own per-request tree sizing (DraftConfig.sizing)")
+                       help="measured (default): trees cut to what pays on the measured cost curve for the "
+                       "batch; fixed: whole trees every step")
     serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
     serve.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
@@ -74,25 +70,17 @@ def _serve(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from ..models import load_model
     from .app import create_app
-    from .scheduler import CostCurve, DraftPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _draft_config(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, tokenizer, config)
-    policy = DraftPolicy(max_nodes=config.max_nodes, max_depth=config.max_depth)
-    if not args.no_draft and not args.no_calibrate:
-        policy.cost = CostCurve.measure(model)
-        logging.getLogger("lookahead.server").info("forward cost %s", policy.cost)
-    if args.token_budget is not None:
-        policy.token_budget = args.token_budget
-        if policy.cost is not None:
-            raise ValueError("--token-budget applies with --no-calibrate only")
+    engine = Engine(model, tokenizer, config)  # measures the forward cost curve once per machine (cached)
+    logging.getLogger("lookahead.server").info("forward cost %s", engine.cost)
     name = args.served_model_name or args.model or "smollm2-135m"
     app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
-                     max_batch=args.max_batch, draft=not args.no_draft, policy=policy,
+                     max_batch=args.max_batch, draft=not args.no_draft,
                      max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature)
     print(f"lookahead: serving {name} on http://{args.host}:{args.port}/v1 (trie: {app.state.trie_status})",
           file=sys.stderr, flush=True)
@@ -101,12 +89,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from ..drafting.trie import TokenTrie
+    from ..drafting.state import DraftState
     from ..drafting.warm import load_tokenizer, warm
 
     config = _draft_config(args)
     if args.append and os.path.exists(args.out):
-        trie = TokenTrie.load(args.out, capacity=config.capacity, prompt_weight=config.prompt_weight)
+        trie = DraftState.load(args.out, capacity=config.capacity).trie
     else:
         trie = config.new_trie()
     tokenizer = load_tokenizer(args.model)

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 MODES = {"adaptive": [], "plain": ["--no-draft"],
-         "fixed": ["--no-calibrate", "--token-budget", "100000", "--sizing", "fixed"]}
+         "fixed": ["--sizing", "fixed"]}
 
 
 def start_server(port: int, mode: str, args: argparse.Namespace) -> subprocess.Popen:

@@ -62,15 +62,12 @@ class Metrics:
         yield gauge("lookahead_draft_hit_rate", "accepted draft tokens / verified draft tokens", s.draft_hit_rate)
         yield gauge("lookahead_queue_depth", "requests waiting for a batch slot", self.scheduler.queue_depth)
         yield gauge("lookahead_batch_size", "rows in the running batch", self.scheduler.active)
-        yield gauge("lookahead_draft_nodes_per_row", "draft budget per row in the last step (0 = off)",
+        yield gauge("lookahead_draft_nodes_per_row", "draft nodes verified per row in the last step (0 = off)",
                     s.draft_nodes_per_row)
-        yield gauge("lookahead_draft_off_from_batch", "smallest batch size at which drafting is off",
-                    self.scheduler.policy.switch_off_batch() if self.scheduler.draft else 0)
         sources = CounterMetricFamily("lookahead_source_draft_tokens",
                                       "draft nodes by source: proposed, and accepted by the model",
                                       labels=["source", "outcome"])
-        state = getattr(self.scheduler.engine, "drafting", None)
-        for name, st in sorted(getattr(state, "stats", {}).items()):
+        for name, st in sorted(self.scheduler.engine.state.stats.items()):
             sources.add_metric([name, "proposed"], st.proposed)
             sources.add_metric([name, "accepted"], st.accepted)
         yield sources

@@ -1,0 +1,167 @@
+"""What one verify forward costs: t(T) for T query tokens in one forward (any split into rows).
+
+One curve per engine, measured by `measure_cost` (real `Verifier` forwards over a cached context,
+interleaved, see `timing.interleaved`), cached per machine under `~/.cache/lookahead/cost/` and
+corrected online from every forward the engine runs (`CostModel.observe`). The correction is
+what keeps a bad measurement (taken while something else loaded the machine) from steering
+later runs: when live forwards disagree with the cached curve, the corrected curve is written
+back, so a poisoned cache heals itself.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..timing import interleaved, stopwatch
+from ..tree import DraftTree
+from ..weights import cache_root
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def piecewise_linear(xs: list[int], ys: list[float], x: float) -> float:
+    """ys interpolated at x over increasing xs; past the last point, the last slope continues."""
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return ys[-1] + slope * (x - xs[-1])
+    i = bisect.bisect_right(xs, x) - 1
+    if i < 0:
+        return ys[0]
+    if xs[i] == x:
+        return ys[i]
+    return ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+@dataclass
+class CostModel:
+    """Seconds of one forward over T query tokens, linear between measured points.
+
+    `observe(T, seconds)` moves the point nearest to T (in log scale) towards what was measured
+    (a running mean that counts the measurement as 4 observations, then an exponential one): the ratios t(T)/t(1) that sizing depends on
+    follow the machine as it is now.
+    """
+    tokens: list[int]
+    seconds: list[float]
+    smoothing: float = 0.05
+    path: Path | None = None     # where the curve is cached; rewritten when live forwards disagree
+    counts: list[int] = field(default_factory=list)
+    drift: float = 0.0           # largest relative change since the curve was loaded or saved
+
+    def __post_init__(self) -> None:
+        if (not self.tokens or self.tokens[0] != 1 or sorted(set(self.tokens)) != list(self.tokens)
+                or len(self.tokens) != len(self.seconds) or min(self.seconds) <= 0):
+            raise ValueError("CostModel needs increasing token counts starting at 1 and one positive time each")
+        self.tokens, self.seconds = list(self.tokens), [float(s) for s in self.seconds]
+        self.counts = self.counts or [0] * len(self.tokens)
+        self._loaded = list(self.seconds)
+
+    def __call__(self, total: int) -> float:
+        return piecewise_linear(self.tokens, self.seconds, max(total, 1))
+
+    def ratio(self, total: int) -> float:
+        """t(T) / t(1)."""
+        return self(total) / self.seconds[0]
+
+    def observe(self, total: int, seconds: float) -> None:
+        """A live forward over `total` query tokens took `seconds`."""
+        if seconds <= 0 or total < 1:
+            return
+        i = min(range(len(self.tokens)), key=lambda j: abs(math.log(self.tokens[j] / total)))
+        # Scale the observation to the point it corrects (the curve's own shape in between).
+        target = seconds * self.seconds[i] / self(total)
+        self.counts[i] += 1
+        weight = max(self.smoothing, 1.0 / (self.counts[i] + 4))  # the measurement counts as 4 observations
+        self.seconds[i] += weight * (target - self.seconds[i])
+        self.drift = max(self.drift, abs(math.log(self.seconds[i] / self._loaded[i])))
+        if self.path is not None and self.drift > math.log(1.5) and self.counts[i] >= 20:
+            self.save(self.path)  # the cached curve was off by more than 1.5x: heal it
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tokens": self.tokens, "seconds": self.seconds}))
+        tmp.replace(path)
+        self._loaded, self.drift = list(self.seconds), 0.0
+
+    def __repr__(self) -> str:
+        return "CostModel(" + ", ".join(f"{t}: {1000 * s:.1f}ms" for t, s in zip(self.tokens, self.seconds,
+                                                                                   strict=True)) + ")"
+
+
+def measure_cost(model: torch.nn.Module, tokens: tuple[int, ...] = TOKENS, context: int = 256,
+                 reps: int = 3) -> CostModel:
+    """Time `Verifier` forwards of T query tokens over `context`-token caches, as decoding runs them.
+
+    T up to 16 is one row (one request with a draft chain); larger T is split into rows of 16,
+    the way a batch fills a forward. Cases are interleaved; the fastest run of each is kept (the
+    least disturbed one) and a larger T is never taken as cheaper than a smaller one.
+    """
+    from .verify import Verifier
+
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    setups = {}
+    for total in tokens:
+        rows = max(1, total // 16)
+        verifier = Verifier(model)
+        for r in range(rows):
+            verifier.add(r, torch.randint(0, vocab, (context,), generator=gen).tolist())
+        sizes = [total // rows + (1 if r < total % rows else 0) for r in range(rows)]
+        setups[total] = verifier, [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
+
+    def timed(total: int) -> float:
+        verifier, trees = setups[total]
+        seconds = stopwatch(lambda: verifier.verify(trees), verifier.device)
+        verifier.abort()
+        return seconds
+
+    runs = interleaved(tokens, timed, reps)
+    seconds: list[float] = []
+    for t in tokens:
+        seconds.append(max(min(runs[t]), seconds[-1]) if seconds else min(runs[t]))
+    return CostModel(list(tokens), seconds)
+
+
+def machine_key() -> str:
+    """CPU model and instruction-set flags (what decides kernel speed), torch version and threads."""
+    cpu, flags = platform.processor(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not cpu.strip():
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = " ".join(sorted(f for f in line.split(":", 1)[1].split()
+                                        if f.startswith(("avx", "amx", "fma", "sse4"))))
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu += " " + torch.cuda.get_device_name()
+    raw = f"{cpu}|{flags}|{torch.__version__}|t{torch.get_num_threads()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def load_cost(model: torch.nn.Module, key: str) -> CostModel:
+    """The cost curve of `model` on this machine: cached per model/dtype/device/CPU/flags/torch/threads,
+    measured on first use (seconds for a small model; printed), corrected and re-saved as it runs."""
+    param = next(model.parameters())
+    name = f"{key}-{str(param.dtype).removeprefix('torch.')}-{param.device.type}-{machine_key()}"
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+    path = cache_root() / "cost" / f"{name}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return CostModel(data["tokens"], data["seconds"], path=path)
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or from an older version: measure again
+    cost = measure_cost(model)
+    cost.path = path
+    cost.save(path)
+    return cost

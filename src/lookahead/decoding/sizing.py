@@ -1,0 +1,145 @@
+"""How many draft nodes each row verifies this step: one policy for single requests, batches and the server.
+
+Drafters return their whole best-first tree with `expected[i]`, the calibrated probability that
+node i's path is accepted (any prefix of a best-first tree is a tree). For a batch of B rows the
+step's forward covers B * q query tokens, q = 1 + the largest row's draft after the cut, so a
+cut of n nodes per row gives
+
+    rate(n) = sum over rows of (1 + expected[1] + ... + expected[min(n, size)])  /  t(B * q(n))
+
+tokens per second, t being the engine's measured cost curve (corrected online). The policy picks
+the n with the best rate; n = 0 is plain decoding. A single request is B = 1: verify the prefix
+whose expected tokens per unit of cost is highest. As B grows, t(B * q) grows and trees shrink.
+
+Two safeguards keep the promise "never slower than plain decoding" whatever the curve says:
+- probes: when no draft pays, a small tree is still verified now and then (acceptance is only
+  learned from verified nodes); a probe that wins nothing doubles the wait;
+- a guard on realised speed: now and then a drafting step is run plain, and the measured time per
+  emitted token of drafted and plain steps (per batch-size class) are compared. Where drafted steps
+  are slower, drafting is switched off; a drafted trial step now and then (the wait doubling after
+  each trial that still loses) lets it come back when the text changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..tree import DraftTree
+from .cost import CostModel
+
+PROBE_EVERY, PROBE_NODES, PROBE_MAX = 8, 4, 64
+# One plain step in this many, to keep the guard's comparison current; rarer once drafting is
+# measured well ahead (each plain step gives up what drafting would have won).
+PLAIN_EVERY, PLAIN_EVERY_AHEAD, AHEAD = 8, 32, 1.3
+GUARD_MIN = 3         # steps of each kind a batch-size class needs before the guard may act
+GUARD_MARGIN = 0.02   # drafted steps must be this much faster per token to stay on
+
+
+@dataclass
+class _Speed:
+    """Running mean of seconds per emitted token (per row), then an exponential one."""
+    steps: int = 0
+    per_token: float = 0.0
+
+    def add(self, seconds: float, tokens_per_row: float) -> None:
+        self.steps += 1
+        value = seconds / max(tokens_per_row, 1e-9)
+        self.per_token += max(0.1, 1.0 / self.steps) * (value - self.per_token)
+
+
+@dataclass
+class Choice:
+    """This step's decision: draft nodes per row (None: the whole trees), and why."""
+    nodes: int | None
+    kind: str   # "sized" | "fixed" | "probe" | "plain" (a guard step) | "off" (the guard switched drafting off)
+
+
+@dataclass
+class SizingPolicy:
+    cost: CostModel | None = None   # None: fixed sizing, every tree is verified whole
+    guard: bool = True
+    idle: int = 0                   # consecutive steps in which no draft paid
+    probe_every: int = PROBE_EVERY
+    off: int = 0                    # consecutive steps the guard kept drafting off
+    trial_every: int = PROBE_EVERY
+    trial: bool = False             # this step is the guard's drafted trial
+    steps: int = 0
+    speeds: dict[tuple[int, bool], _Speed] = field(default_factory=dict)  # (batch class, drafted) -> speed
+
+    @staticmethod
+    def batch_class(rows: int) -> int:
+        return int(math.log2(max(rows, 1)))
+
+    def advantage(self, rows: int) -> float | None:
+        """Measured plain / drafted time per emitted token for this batch size (None: too few steps)."""
+        b = self.batch_class(rows)
+        drafted, plain = self.speeds.get((b, True)), self.speeds.get((b, False))
+        if not drafted or not plain or min(drafted.steps, plain.steps) < GUARD_MIN:
+            return None
+        return plain.per_token / max(drafted.per_token, 1e-12)
+
+    def drafting_loses(self, rows: int) -> bool:
+        """The guard's verdict for this batch size: drafted steps measured slower than plain ones."""
+        adv = self.advantage(rows)
+        return adv is not None and adv < 1 - GUARD_MARGIN
+
+    def plan(self, rows: int) -> Choice | None:
+        """Before drafting: a plain step (the guard's own, or drafting switched off), else None: draft."""
+        self.steps += 1
+        self.trial = False
+        if not self.guard:
+            return None
+        adv = self.advantage(rows)
+        every = PLAIN_EVERY_AHEAD if adv is not None and adv > AHEAD else PLAIN_EVERY
+        if self.steps % every == 0:
+            return Choice(0, "plain")
+        if adv is not None and adv < 1 - GUARD_MARGIN:
+            self.off += 1
+            if self.off < self.trial_every:
+                return Choice(0, "off")
+            self.off, self.trial = 0, True  # a drafted trial: the text may have become predictable
+        return None
+
+    def choose(self, trees: list[DraftTree]) -> Choice:
+        """The cut for this step's trees (one per row; root-only where a row drafts nothing)."""
+        if self.cost is None:
+            return Choice(None, "fixed")
+        if not any(len(t) > 1 for t in trees):
+            return Choice(0, "sized")
+        n = best_cut(trees, self.cost)
+        if n:
+            self.idle = 0
+            return Choice(n, "sized")
+        self.idle += 1
+        if self.idle >= self.probe_every:  # acceptance is only learned from verified nodes
+            self.idle = 0
+            return Choice(PROBE_NODES, "probe")
+        return Choice(0, "sized")
+
+    def observe(self, choice: Choice, rows: int, emitted: int, accepted_draft: int, seconds: float) -> None:
+        """One step's outcome: `emitted` tokens over `rows` rows in `seconds` (draft + forward + accept)."""
+        if choice.kind == "probe":
+            self.probe_every = PROBE_EVERY if accepted_draft else min(2 * self.probe_every, PROBE_MAX)
+            return  # probes are small by design: not what the guard judges
+        if self.guard and seconds > 0 and rows:
+            drafted = choice.kind in ("sized", "fixed")  # the drafting engine's steps, paid-off or not
+            self.speeds.setdefault((self.batch_class(rows), drafted), _Speed()).add(seconds, emitted / rows)
+            if self.trial:  # still losing: wait twice as long for the next trial
+                lost = self.drafting_loses(rows)
+                self.trial_every = min(2 * self.trial_every, PROBE_MAX) if lost else PROBE_EVERY
+
+
+def best_cut(trees: list[DraftTree], cost: CostModel) -> int:
+    """Draft nodes per row (a prefix of every best-first tree) with the most expected tokens per second."""
+    rows = len(trees)
+    largest = max(len(t) for t in trees) - 1
+    gains = [t.expected[1:] if t.expected else [0.0] * (len(t) - 1) for t in trees]
+    best_n, best_rate = 0, rows / cost(rows)
+    expected = float(rows)
+    for n in range(1, largest + 1):
+        expected += sum(g[n - 1] for g in gains if len(g) >= n)
+        q = 1 + min(n, largest)
+        rate = expected / cost(rows * q)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n

@@ -1,0 +1,193 @@
+"""The decode core: a ragged batch of requests, one step = draft each row -> one forward -> accept -> commit.
+
+Everything that generates drives this: `Engine.generate` (one request or many, continuously
+batched), `Engine.stream` and the server's decode thread. Each step
+
+1. drafts a tree per row (its own `Drafter` over the shared state; root-only where it may not draft),
+2. cuts the trees to the size the `SizingPolicy` finds pays for this batch (from the cost curve),
+3. runs ONE forward over all rows (`Verifier`: per-row masks, positions, KV),
+4. accepts per row with the request's own rule (greedy argmax, or the exact sampling walk),
+5. commits the accepted paths to the KV cache, appends tokens through each request's stop rules,
+6. feeds the outcome back: drafters (tries, recycle table, trust), sizing policy, cost curve.
+
+Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when done) between steps.
+A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
+leaves the others untouched.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..drafting.fusion import Budget
+from ..drafting.state import DraftState
+from ..request import Request
+from ..tree import DraftTree
+from .cost import CostModel
+from .sizing import Choice, SizingPolicy
+from .verify import Verifier
+
+
+@dataclass
+class StepReport:
+    """What one step did, over all its rows (the server's metrics add these up)."""
+    rows: int = 0
+    emitted: int = 0          # tokens emitted, bonus included
+    draft_nodes: int = 0      # draft nodes verified
+    accepted_draft: int = 0   # of those, accepted
+    nodes_per_row: int = 0    # the largest row's verified draft (0: plain step)
+    forward_s: float = 0.0
+    other_s: float = 0.0      # drafting, accepting, committing, feeding back
+    choice: Choice | None = None
+
+
+class _Row:
+    __slots__ = ("request", "drafter", "started")
+
+    def __init__(self, request: Request, drafter) -> None:
+        self.request, self.drafter, self.started = request, drafter, time.perf_counter()
+
+
+class Decoder:
+    """Owns a batch of requests and their KV cache; `step()` advances every row by one forward."""
+
+    def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
+                 caps: Budget, cost: CostModel | None = None) -> None:
+        self.verifier = Verifier(model)
+        self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
+        self.rows: list[_Row] = []
+        self.report = StepReport()          # the last step's
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def requests(self) -> list[Request]:
+        return [row.request for row in self.rows]
+
+    def add(self, request: Request) -> None:
+        """Prefill a request and make it a row (between steps). A failure ends this request alone."""
+        row = _Row(request, None)
+        try:
+            self.verifier.add(row, request.prompt[:-1])
+            if request.draft and self.drafting is not None:
+                row.drafter = self.drafting.drafter(request.prompt)
+        except Exception as e:  # noqa: BLE001 - reported on the request, the batch goes on
+            if row in self.verifier:
+                self.verifier.remove([row])
+            request.error = e
+            return
+        request.stats.prefill_s = time.perf_counter() - row.started
+        self.rows.append(row)
+
+    def remove(self, requests: Sequence[Request]) -> None:
+        """Drop rows (finished, failed or cancelled) and their cache at once."""
+        gone = {id(r) for r in requests}
+        leaving = [row for row in self.rows if id(row.request) in gone]
+        if leaving:
+            self.verifier.remove(leaving)
+            self.rows = [row for row in self.rows if id(row.request) not in gone]
+
+    def abort(self) -> None:
+        """After a failed forward: forget the uncommitted step and every row (their requests end)."""
+        self.verifier = Verifier(self.verifier.model)
+        self.rows = []
+
+    def step(self) -> list[Request]:
+        """One forward for every row; returns the requests that finished (they have left the batch)."""
+        rows = self.rows
+        if not rows:
+            return []
+        t0 = time.perf_counter()
+        plan = self.sizing.plan(len(rows))
+        trees, draft_s = self._draft(plan)
+        # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
+        choice = plan if plan is not None else self.sizing.choose(trees)
+        if choice.nodes is not None:
+            trees = [t.prefix(choice.nodes) for t in trees]
+        t1 = time.perf_counter()
+        logits = self.verifier.verify(trees)
+        t2 = time.perf_counter()
+        paths, emitted = [], []
+        for row, tree, row_logits in zip(rows, trees, logits, strict=True):
+            request = row.request
+            try:
+                nodes, tokens = request.accept(tree, row_logits, request.context)
+            except Exception as e:  # noqa: BLE001 - this request's rule (e.g. its sampler) failed: end it alone
+                request.error = e
+                nodes, tokens = [0], []
+            paths.append(nodes)
+            emitted.append(tokens)
+        self.verifier.commit(paths)
+        forward_s = t2 - t1
+        total_emitted = accepted_draft = draft_nodes = 0
+        for i, (row, tree, tokens) in enumerate(zip(rows, trees, emitted, strict=True)):
+            request, stats = row.request, row.request.stats
+            if request.error is not None:
+                continue
+            t = time.perf_counter()
+            kept = request.append(tokens)
+            if row.drafter is not None:
+                row.drafter.observe(tokens, tree=tree, logits=logits[i], nodes=paths[i])
+                stats.sources = {name: (s.proposed, s.accepted) for name, s in row.drafter.stats.items()}
+            total_emitted += len(tokens)
+            accepted_draft += len(tokens) - 1
+            draft_nodes += len(tree) - 1
+            stats.steps += 1
+            stats.draft_tokens += len(tree) - 1
+            stats.accepted.append(kept)
+            stats.new_tokens = len(request.ids)
+            stats.forward_s += forward_s
+            stats.draft_s += draft_s[i] + time.perf_counter() - t
+            stats.total_s = time.perf_counter() - row.started
+        q = max(len(t) for t in trees)
+        if self.cost is not None:
+            self.cost.observe(len(rows) * q, forward_s)
+        seconds = time.perf_counter() - t0
+        self.sizing.observe(choice, len(rows), total_emitted, accepted_draft, seconds)
+        self.report = StepReport(len(rows), total_emitted, draft_nodes, accepted_draft, q - 1, forward_s,
+                                 seconds - forward_s, choice)
+        finished = [row.request for row in rows if row.request.done]
+        if finished:
+            self.remove(finished)
+        return finished
+
+    def _draft(self, plan: Choice | None) -> tuple[list[DraftTree], list[float]]:
+        """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root."""
+        caps, trees, seconds = self.caps, [], []
+        for row in self.rows:
+            t = time.perf_counter()
+            request = row.request
+            root = request.ids[-1] if request.ids else request.prompt[-1]
+            room = request.room
+            if row.drafter is None or room <= 0 or (plan is not None and plan.kind != "probe"):
+                trees.append(DraftTree.root_only(root))
+            else:
+                nodes = caps.nodes if request.max_draft is None else min(caps.nodes, request.max_draft)
+                if plan is not None:  # a probe: a small tree
+                    nodes = min(nodes, plan.nodes)
+                trees.append(row.drafter.propose(request.context, Budget(nodes, min(caps.depth, room))))
+            seconds.append(time.perf_counter() - t)
+        return trees, seconds
+
+
+def run(decoder: Decoder, requests: Sequence[Request], max_batch: int,
+        on_finish: Callable[[Request], None] | None = None) -> None:
+    """Continuous batching of `requests` to completion: rows join in input order as others finish."""
+    waiting = deque(requests)
+    while waiting or len(decoder):
+        finished = []
+        while waiting and len(decoder) < max_batch:
+            request = waiting.popleft()
+            decoder.add(request)
+            if request.error is not None:  # its prefill failed
+                finished.append(request)
+        if len(decoder):
+            finished += decoder.step()
+        if on_finish is not None:
+            for request in finished:
+                on_finish(request)

@@ -1,0 +1,141 @@
+"""The cost curve and the sizing policy: how much each step verifies, and the never-slower guard.
+
+The guard tests drive a real tiny model whose forward time we control (a sleep per query token),
+so "drafting loses" and "drafting wins" are facts of the run, not of a stub.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import IdTokenizer, hf_greedy, tiny_model
+from lookahead import DraftConfig, DraftTree, Engine
+from lookahead.decoding.cost import CostModel, measure_cost
+from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, SizingPolicy, best_cut
+
+COPY = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
+
+
+def chain(expected: list[float]) -> DraftTree:
+    tree = DraftTree.chain(1, list(range(2, 2 + len(expected))))
+    tree.expected = [1.0, *expected]
+    return tree
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    cost = CostModel([1, 2, 4], [10.0, 20.0, 24.0])
+    assert (cost(1), cost(2), cost(3), cost(4), cost(6)) == (10.0, 20.0, 22.0, 24.0, 28.0)
+    assert cost.ratio(3) == pytest.approx(2.2)
+    with pytest.raises(ValueError):
+        CostModel([2, 4], [1.0, 2.0])
+
+
+def test_best_cut_verifies_the_prefix_that_pays():
+    tree = [chain([0.9, 0.8, 0.5, 0.2, 0.05])]
+    assert best_cut(tree, CostModel([1, 2], [1.0, 1.0])) == 5                # free: verify everything
+    assert best_cut(tree, CostModel([1, 2], [1.0, 3.0])) == 0                # steep: no draft pays off
+    step = CostModel([1, 2, 16, 32], [1.0, 1.4, 1.45, 3.0])                   # fp32-like: a step at k=2, then flat
+    assert best_cut(tree, step) == 5
+    assert best_cut([chain([0.2, 0.1])], step) == 0
+
+
+def test_a_batch_shares_one_forward_so_trees_shrink_as_it_grows():
+    """Flat to 16 query tokens, then linear: what pays for one row does not for sixteen."""
+    cost = CostModel([1, 16, 256], [1.0, 1.0, 16.0])
+    sizes = [best_cut([chain([0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])] * rows, cost) for rows in (1, 2, 4, 16)]
+    assert sizes[0] == 7 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0
+    # Rows with nothing to draft cost a query token each but add no draft gain.
+    mixed = [chain([0.9, 0.9, 0.9])] + [DraftTree.root_only(1)] * 3
+    assert best_cut(mixed, cost) == 3
+
+
+def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
+    path = tmp_path / "cost.json"
+    poisoned = CostModel([1, 2, 4, 8], [0.010, 0.010, 0.010, 0.010], path=path)   # says: verification is free
+    poisoned.save(path)
+    for _ in range(60):                                                        # the machine says: 4x dearer at 8
+        poisoned.observe(8, 0.040)
+        poisoned.observe(1, 0.010)
+    assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.05)
+    saved = json.loads(path.read_text())
+    assert saved["seconds"][-1] > 0.03                # written back (once it drifted past 1.5x): the next run starts right
+
+
+def slow_forward(model, base_s: float, per_token_s: float = 0.0, per_token2_s: float = 0.0):
+    """Make every forward of `model` over T query tokens sleep base_s + per_token_s * T + per_token2_s * T^2
+    first: a cost curve we control, far above the tiny model's own time."""
+    forward = model.forward
+
+    def timed(*args, **kwargs):
+        t = kwargs.get("input_ids", args[0] if args else None).numel()
+        time.sleep(base_s + per_token_s * t + per_token2_s * t * t)
+        return forward(*args, **kwargs)
+
+    model.forward = timed
+    return model
+
+
+def test_measure_cost_sees_the_cost_of_a_forward():
+    model = slow_forward(tiny_model("llama"), base_s=0.05, per_token_s=0.025)
+    cost = measure_cost(model, tokens=(1, 4, 16), context=16, reps=2)
+    # 75 ms, 150 ms, 450 ms plus the tiny model's own few ms (more on a loaded machine): ratios near 2 and 6
+    assert 1.4 < cost.ratio(4) < 2.6 and 3.5 < cost.ratio(16) < 7 and cost.ratio(16) > cost.ratio(4) + 1.5
+
+
+def test_engine_drafts_only_what_the_cost_curve_pays_for():
+    model = tiny_model("llama", seed=1)
+    expected = hf_greedy(model, COPY, 36)
+    never = Engine(model, IdTokenizer(), DraftConfig(), cost=CostModel([1, 2], [1.0, 50.0]))
+    never.sizing.guard = False          # the cost curve alone decides here,
+    never.cost = None                   # and live forwards do not correct it
+    out = never.generate(COPY, max_new_tokens=36)
+    assert out.token_ids == expected
+    probes = out.stats.steps // PROBE_EVERY
+    assert out.stats.draft_tokens <= probes * PROBE_NODES  # only the periodic probes verified drafts
+    free = Engine(model, IdTokenizer(), DraftConfig(), cost=CostModel([1, 2], [1.0, 1.0]))
+    free.sizing.guard, free.cost = False, None
+    out = free.generate(COPY, max_new_tokens=36)
+    assert out.token_ids == expected and out.stats.mean_accepted > 2
+
+
+def guarded_run(model, steps: int = 60) -> tuple[Engine, list[str]]:
+    """Decode with a cost curve that claims verification is free; return each step's sizing decision."""
+    engine = Engine(model, IdTokenizer(), DraftConfig(max_nodes=6, max_depth=6), cost=CostModel([1, 2], [1.0, 1.0]))
+    engine.cost = None                      # the lie stays: nothing corrects it
+    decoder = engine.decoder()
+    kinds = []
+    prompt = [3, 9, 4, 1, 7] * 3 + COPY      # the model's own continuation is learned as it goes
+    while len(kinds) < steps:
+        request = engine.request(prompt, max_new_tokens=40)
+        decoder.add(request)
+        while not request.done and len(kinds) < steps:
+            decoder.step()
+            kinds.append(decoder.report.choice.kind)
+        decoder.remove([request])
+    return engine, kinds
+
+
+def test_never_slower_drafting_that_loses_switches_itself_off():
+    """A forward over T tokens costs 3 ms * T^2 (worse than k single-token forwards, as eager bf16 on
+    AVX2): trees of 7 tokens lose to plain steps even when every draft is right, whatever the (lying)
+    cost curve says. The guard measures it and stops drafting."""
+    model = slow_forward(tiny_model("llama", seed=1), base_s=0.0, per_token2_s=0.003)
+    engine, kinds = guarded_run(model, steps=48)
+    assert engine.sizing.drafting_loses(1)
+    tail = kinds[-20:]
+    assert tail.count("sized") <= 2 and tail.count("off") >= 15, kinds
+
+
+def test_drafting_that_wins_stays_on():
+    """Forwards cost 20 ms however many tokens they hold: drafting wins and the guard keeps it on."""
+    model = slow_forward(tiny_model("llama", seed=1), base_s=0.02)
+    engine, kinds = guarded_run(model)
+    assert not engine.sizing.drafting_loses(1)
+    assert kinds[-24:].count("sized") >= 20, kinds
+
+
+def test_sizing_policy_without_a_curve_verifies_whole_trees():
+    policy = SizingPolicy(cost=None, guard=False)
+    assert policy.plan(1) is None and policy.choose([chain([0.1, 0.1])]).nodes is None
