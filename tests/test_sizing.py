@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, DraftTree, Engine
@@ -139,3 +140,29 @@ def test_drafting_that_wins_stays_on():
 def test_sizing_policy_without_a_curve_verifies_whole_trees():
     policy = SizingPolicy(cost=None, guard=False)
     assert policy.plan(1) is None and policy.choose([chain([0.1, 0.1])]).nodes is None
+
+
+# -- dtype="auto": chosen from the CPU's capabilities and the measured cost ---------------------------
+def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    from lookahead.engine import _cpu_dtype
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model, reason = _cpu_dtype(tiny_model("llama"))
+    assert next(model.parameters()).dtype == torch.float32 and "no native bf16" in reason
+
+
+@pytest.mark.parametrize("bf16_seconds, chosen", [
+    ([0.010, 0.011, 0.012, 0.013, 0.015], torch.bfloat16),   # bf16: flat and fast -> bf16
+    ([0.010, 0.020, 0.040, 0.080, 0.160], torch.float32),    # bf16: k tokens cost k forwards -> fp32
+])
+def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_path, bf16_seconds, chosen):
+    from lookahead.decoding.cost import cost_path
+    from lookahead.engine import _cpu_dtype, _model_id
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    model = tiny_model("llama")
+    key = f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
+    tokens = [1, 2, 4, 8, 16]
+    for dtype, seconds in ((torch.float32, [0.012, 0.016, 0.018, 0.02, 0.03]), (torch.bfloat16, bf16_seconds)):
+        CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))   # as measured on an earlier run
+    model, reason = _cpu_dtype(model)
+    assert next(model.parameters()).dtype == chosen and "measured with drafting" in reason

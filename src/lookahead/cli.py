@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("prompt", nargs="?", help="prompt text (default: a demo table-rewriting prompt)")
     gen.add_argument("--model", default=None, help="named model, .gguf file or HF directory")
-    gen.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (exact reference)")
+    gen.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
+                     "printed with its reason), float32 (exact reference) or bfloat16")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")

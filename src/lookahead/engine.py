@@ -4,7 +4,9 @@ All three drive the one decode core (`decoding.step.Decoder`); so does the serve
 """
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .decoding.accept import accept_greedy
-from .decoding.cost import CostModel, load_cost, measure_cost
+from .decoding.cost import CostModel, cached_cost, cost_path, load_cost, measure_cost
 from .decoding.sampling import SamplingParams
 from .decoding.sizing import SizingPolicy
 from .decoding.step import Decoder, run
@@ -22,7 +24,7 @@ from .drafting.fusion import Budget
 from .drafting.recycle import RecycleTable
 from .drafting.state import SOURCES, DraftState
 from .drafting.trie import TokenTrie
-from .models import load_model
+from .models import default_device, load_model
 from .request import GenerationOutput, Request
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -77,6 +79,7 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.dtype_reason = "given"  # load(dtype="auto") says why it chose
 
     # -- what drafting learns -------------------------------------------------------------
     def new_state(self) -> DraftState:
@@ -217,11 +220,49 @@ def _finished(request: Request) -> GenerationOutput:
     return request.output()
 
 
-def load(source: str | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
+def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
          draft_config: DraftConfig | None = None) -> Engine:
-    """An Engine for a named model (default: the embedded SmolLM2-135M-Instruct), a .gguf file or an HF dir."""
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
-    return Engine(model, tokenizer, draft_config)
+    """An Engine for a named model (default: the embedded SmolLM2-135M-Instruct), a .gguf file or an HF dir.
+
+    `dtype="auto"` picks the dtype that decodes fastest with drafting on this machine (printed once, with
+    the reason); an explicit dtype always wins. float32 is the exact reference (token-identical to
+    `model.generate`); bfloat16 may part from it at near-ties of the top two logits."""
+    if dtype != "auto":
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
+        return Engine(model, tokenizer, draft_config)
+    device = device or default_device()
+    if device.startswith("cuda"):
+        model, tokenizer = load_model(source, dtype=torch.bfloat16, device=device)
+        reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
+    else:
+        model, tokenizer = load_model(source, dtype=torch.float32, device=device)
+        model, reason = _cpu_dtype(model)
+    print(f"[lookahead] dtype auto: {reason}", file=sys.stderr)
+    engine = Engine(model, tokenizer, draft_config)
+    engine.dtype_reason = reason
+    return engine
+
+
+def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """`model` (fp32) as is, or cast to bf16 when that decodes faster with drafting here."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return model, ("float32 (this CPU has no native bf16: a k-token bf16 forward costs about k one-token "
+                       "ones, so drafting cannot pay in bf16; fp32 is also exact)")
+    key = f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
+    fp32 = load_cost(model, key)
+    bf16 = cached_cost(cost_path(key, torch.bfloat16, "cpu"))
+    if bf16 is None:  # measured once per machine, on a bf16 copy (the fp32 weights stay exact)
+        bf16 = load_cost(copy.deepcopy(model).to(torch.bfloat16), key)
+    r32, r16 = _drafting_rate(fp32), _drafting_rate(bf16)
+    figures = f"measured with drafting ~{r16:.0f} tok/s in bf16 vs ~{r32:.0f} in fp32"
+    if r16 > 1.1 * r32:  # fp32 is exact: bf16 must be clearly faster to be worth its near-ties
+        return model.to(torch.bfloat16), f"bfloat16 ({figures}; float32 is the exact mode: --dtype float32)"
+    return model, f"float32 ({figures}; float32 is also exact)"
+
+
+def _drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
+    """Tokens per second of the best chain length when each draft node is accepted with `accept`."""
+    return max(sum(accept ** i for i in range(n + 1)) / cost(n + 1) for n in range(depth + 1))
 
 
 def _model_id(model: torch.nn.Module) -> str:

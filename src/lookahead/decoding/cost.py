@@ -148,19 +148,30 @@ def machine_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def load_cost(model: torch.nn.Module, key: str) -> CostModel:
-    """The cost curve of `model` on this machine: cached per model/dtype/device/CPU/flags/torch/threads,
-    measured on first use (seconds for a small model; printed), corrected and re-saved as it runs."""
-    param = next(model.parameters())
-    name = f"{key}-{str(param.dtype).removeprefix('torch.')}-{param.device.type}-{machine_key()}"
-    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-    path = cache_root() / "cost" / f"{name}.json"
+def cost_path(key: str, dtype: torch.dtype, device: str) -> Path:
+    """Where the curve of model `key` in `dtype` on `device` is cached for this machine."""
+    name = f"{key}-{str(dtype).removeprefix('torch.')}-{device}-{machine_key()}"
+    return cache_root() / "cost" / ("".join(c if c.isalnum() or c in "-._" else "_" for c in name) + ".json")
+
+
+def cached_cost(path: Path) -> CostModel | None:
     if path.is_file():
         try:
             data = json.loads(path.read_text())
             return CostModel(data["tokens"], data["seconds"], path=path)
         except (ValueError, KeyError, TypeError):
             pass  # unreadable or from an older version: measure again
+    return None
+
+
+def load_cost(model: torch.nn.Module, key: str) -> CostModel:
+    """The cost curve of `model` on this machine: cached per model/dtype/device/CPU/flags/torch/threads,
+    measured on first use (seconds for a small model), corrected and re-saved as it runs."""
+    param = next(model.parameters())
+    path = cost_path(key, param.dtype, param.device.type)
+    cost = cached_cost(path)
+    if cost is not None:
+        return cost
     cost = measure_cost(model)
     cost.path = path
     cost.save(path)

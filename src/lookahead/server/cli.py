@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                        "saved periodically and on shutdown")
     serve.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
                        help="trie save interval (0: only on shutdown)")
-    serve.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (exact reference)")
+    serve.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
+                     "printed with its reason), float32 (exact reference) or bfloat16")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
@@ -67,16 +68,14 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..engine import Engine
-    from ..models import load_model
+    from ..engine import load
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _draft_config(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, tokenizer, config)  # measures the forward cost curve once per machine (cached)
+    engine = load(args.model, dtype=args.dtype, device=args.device, draft_config=config)  # cost curve: cached
     logging.getLogger("lookahead.server").info("forward cost %s", engine.cost)
     name = args.served_model_name or args.model or "smollm2-135m"
     app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
