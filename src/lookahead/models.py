@@ -1,7 +1,10 @@
 """Loading a model and tokenizer: a named model, a local HF directory or a .gguf file. Offline only."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,20 +46,54 @@ def locate(source: str | os.PathLike | None) -> tuple[Path, str | None]:
 
 def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
                device: str | None = None):
-    """Return (model, tokenizer), both plain transformers objects, the model in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    """Return (model, tokenizer), both plain transformers objects, the model in eval mode.
+
+    A .gguf file is dequantised once per dtype and kept as a safetensors directory under the cache
+    root (`converted/`): later loads read that instead (the conversion takes most of a first start)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf = locate(source)
+    dtype = parse_dtype(dtype)
+    converted = _converted_dir(directory / gguf, dtype) if gguf else None
+    if converted is not None and (converted / "config.json").is_file():
+        directory, gguf = converted, None
     kwargs = {"local_files_only": True}
     if gguf:
+        from transformers import GgufConfig
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    if gguf:
         # Dense weights in the asked dtype: packed GGUF kernels come from the hub (unreachable) and
         # would compute in fp32 anyway.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items() if k != "quantization_config"})
     # sdpa honours additive 4D masks (FlashAttention would not).
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype), attn_implementation="sdpa",
-                                                 **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if gguf and converted is not None:
+        _save_converted(model, tokenizer, converted)
+    if converted is not None:  # one name whichever way it was read (saved drafting state and cost curves key on it)
+        model.config._name_or_path = converted.name.rsplit("-", 2)[0]
     model.to(device or default_device()).eval()
     return model, tokenizer
+
+
+def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
+    from .weights import cache_root
+
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "converted" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{tag}"
+
+
+def _save_converted(model, tokenizer, target: Path) -> None:
+    """Write the dequantised model atomically (a half-written directory is never read)."""
+    tmp = Path(tempfile.mkdtemp(dir=_mkdir(target.parent), prefix=target.name + ".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:  # a full disk or a concurrent writer: loading still worked, only the cache is missing
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
