@@ -7,6 +7,10 @@ Runs on the real embedded model (fp32); generations are a few tokens long.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from lookahead import DraftConfig, Engine
 from lookahead.server.app import create_app
 from lookahead.server.harness import ServerThread
+from lookahead.server.metrics import Metrics
 from lookahead.server.schemas import MAX_STOP_CHARS, ChatRequest, CompletionRequest, parse
 
 pytestmark = pytest.mark.real_model
@@ -106,3 +111,115 @@ def test_per_request_drafting_fields_are_accepted(server):
     for extra in ({"speculative": False}, {"speculative": True, "max_draft_tokens": 2}, {"max_draft_tokens": 0}):
         r = post(server.url + CHAT_URL, {**OK, **extra})
         assert r.status_code == 200, r.text
+
+
+# -- 2: metrics labelled by route, logs bounded, ops endpoints -----------------------------------------------
+def test_metrics_are_labelled_by_route_template_not_by_raw_path(real_engine):
+    app = create_app(fresh_engine(real_engine), model_name=MODEL, api_key="k")
+    with ServerThread(app) as s, httpx.Client(base_url=s.url) as http:
+        before = len(http.get("/metrics").text)
+        for k in range(40):  # unauthenticated, each path different
+            assert http.get(f"/v1/models/{k}-" + "x" * 2000).status_code == 401
+            assert http.get(f"/nowhere/{k}-" + "y" * 2000).status_code == 404
+        text = http.get("/metrics").text
+    assert "xxxx" not in text and "yyyy" not in text
+    assert len(text) < before + 1000  # a few new series, not one per path
+    assert 'endpoint="/v1/models/{name:path}",status="401"} 40.0' in text
+    assert 'endpoint="unmatched",status="404"} 40.0' in text
+
+
+def test_metrics_request_series_are_bounded():
+    metrics = Metrics(None, lambda: None, max_series=10)
+    for k in range(1000):
+        metrics.count(f"/client/chosen/{k}", 404)
+    assert len(metrics.requests) <= 11 and metrics.requests[("overflow", "404")] == 990
+
+
+def test_access_log_lines_are_clipped(real_engine):
+    create_app(fresh_engine(real_engine), model_name=MODEL)  # installs the filter on uvicorn's access logger
+    access = logging.getLogger("uvicorn.access")
+    record = access.makeRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/models/" + "z" * 100_000 + "\nforged line", "1.1", 404),
+                               None)
+    assert access.filter(record)
+    line = record.getMessage()
+    assert len(line) < 400 and "\n" not in line and "404" in line
+
+
+def test_ops_endpoints_are_open_by_default_and_say_what_they_expose(real_engine):
+    with ServerThread(create_app(fresh_engine(real_engine), model_name=MODEL, api_key="k")) as s:
+        health = httpx.get(s.url + "/health").json()
+        assert {"draft_policy", "trie_nodes", "trie"} <= set(health)  # documented in the README
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert "/v1/chat/completions" in httpx.get(s.url + "/openapi.json").json()["paths"]
+
+
+def test_protect_ops_puts_metrics_openapi_and_health_details_behind_the_key(real_engine):
+    app = create_app(fresh_engine(real_engine), model_name=MODEL, api_key="k", protect_ops=True)
+    key = {"Authorization": "Bearer k"}
+    with ServerThread(app) as s, httpx.Client(base_url=s.url) as http:
+        bare = http.get("/health")
+        assert bare.status_code == 200 and bare.json() == {"status": "ok"}  # liveness stays open
+        assert {"draft_policy", "trie_nodes"} <= set(http.get("/health", headers=key).json())
+        assert http.get("/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        for path in ("/metrics", "/openapi.json"):
+            r = http.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert http.get(path, headers=key).status_code == 200, path
+        assert "lookahead_requests_total" in http.get("/metrics", headers=key).text
+        assert "/v1/completions" in http.get("/openapi.json", headers=key).json()["paths"]
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(fresh_engine(real_engine), model_name=MODEL, protect_ops=True)
+
+
+def test_cli_protect_ops_needs_an_api_key():
+    env = {k: v for k, v in os.environ.items() if k != "LOOKAHEAD_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "lookahead.cli", "serve", "--protect-ops"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--protect-ops needs --api-key" in proc.stderr
+
+
+def test_internal_error_log_lines_are_bounded(real_engine, caplog, monkeypatch):
+    engine = fresh_engine(real_engine)
+
+    def boom(prompt):
+        raise RuntimeError("tokenizer exploded on: " + "q" * 100_000)
+    monkeypatch.setattr(engine, "encode", boom)  # fault injection: the server's text-prompt path fails
+    with ServerThread(create_app(engine, model_name=MODEL)) as s, caplog.at_level("ERROR", "lookahead.server"):
+        r = post(s.url + TEXT_URL, {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 500
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "lookahead.server"]
+    assert any("tokenizer exploded" in line for line in lines)
+    assert all(len(line) < 6000 for line in lines)
+
+
+# -- 9: error bodies without internals -----------------------------------------------------------------------
+def test_internal_errors_do_not_leak_exception_text(real_engine, monkeypatch, caplog):
+    engine = fresh_engine(real_engine)
+
+    def boom(prompt):
+        raise RuntimeError("SECRET-/srv/internal/path")
+    monkeypatch.setattr(engine, "encode", boom)
+    with ServerThread(create_app(engine, model_name=MODEL)) as s, caplog.at_level("ERROR", "lookahead.server"):
+        r = post(s.url + TEXT_URL, {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert "SECRET" not in r.text and "RuntimeError" not in r.text
+    ref = error["message"].split("reference ")[-1]
+    assert any(ref in rec.getMessage() and "SECRET" in rec.getMessage() for rec in caplog.records)
+
+
+def test_decode_thread_errors_do_not_leak_exception_text(real_engine, monkeypatch, caplog):
+    engine = fresh_engine(real_engine)
+
+    def boom(prompt):
+        raise RuntimeError("SECRET-drafter-state")
+    monkeypatch.setattr(engine.drafting, "drafter", boom)  # fault injection: fails in the decode thread
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    with ServerThread(create_app(engine, model_name=MODEL)) as s, caplog.at_level("ERROR", "lookahead.server"):
+        whole = post(s.url + TEXT_URL, body)
+        streamed = post(s.url + TEXT_URL, {**body, "stream": True})
+    assert whole.status_code == 500 and "SECRET" not in whole.text
+    assert "reference" in whole.json()["error"]["message"]
+    assert streamed.status_code == 200 and '"error"' in streamed.text and "SECRET" not in streamed.text
+    assert any("SECRET" in rec.getMessage() for rec in caplog.records)

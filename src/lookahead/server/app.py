@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,38 @@ from .scheduler import Request as GenRequest
 from .schemas import APIError, ChatRequest, CompletionRequest, parse, refuse_unsupported
 
 log = logging.getLogger("lookahead.server")
+
+UNMATCHED = "unmatched"  # the metrics label of requests no route matched
+
+
+def clip(text: object, limit: int = 200) -> str:
+    """Client-controlled text as it may appear in a log line or an error message: one line, bounded."""
+    text = str(text)
+    cut = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates become escapes
+    cut = cut.replace("\r", "\\r").replace("\n", "\\n")
+    return cut + f"...(+{len(text) - limit} chars)" if len(text) > limit else cut
+
+
+def route_label(request: Request) -> str:
+    """The metrics label of a request: its route's template, never the raw path (which clients choose)."""
+    path = getattr(request.scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class _ClipAccessLog(logging.Filter):
+    """Bounds the path uvicorn's access log writes per request (a client picks it, up to the HTTP line limit)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], clip(args[2]), *args[3:])
+        return True
+
+
+def _clip_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _ClipAccessLog) for f in access.filters):
+        access.addFilter(_ClipAccessLog())
 
 
 # -- the shared trie on disk -------------------------------------------------------------------
@@ -140,8 +173,15 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                trie_path: str | os.PathLike | None = None, save_every: float = 300.0, max_batch: int = 32,
                max_waiting: int = 512, draft: bool = True, policy: DraftPolicy | None = None,
                max_tokens_limit: int | None = None, default_temperature: float = 0.0,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
-    """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan."""
+               max_body_bytes: int = 4 << 20, protect_ops: bool = False) -> FastAPI:
+    """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan.
+
+    `protect_ops` puts /metrics, /openapi.json and the details of /health behind `api_key` too (an
+    unauthenticated /health then answers only {"status"}, for liveness probes).
+    """
+    if protect_ops and api_key is None:
+        raise ValueError("protect_ops needs an api_key to protect /health, /metrics and /openapi.json with")
+    _clip_access_log()
     trie_status = load_trie(engine, trie_path)
     scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, draft=draft, policy=policy)
     metrics = Metrics(scheduler, lambda: engine.trie)
@@ -167,48 +207,61 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             if keeper:
                 keeper.stop()
 
-    app = FastAPI(title="lookahead", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="lookahead", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if protect_ops else "/openapi.json")
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
     app.state.keeper, app.state.trie_status, app.state.model_name = keeper, trie_status, model_name
 
     # -- errors: always an OpenAI-style body ----------------------------------------------------
+    # Metrics are labelled by route template (bounded), and log lines carry clipped client text only.
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.count(request.url.path, exc.status)
+        metrics.count(route_label(request), exc.status)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        metrics.count(request.url.path if exc.status_code != 404 else "other", exc.status_code)
+        metrics.count(route_label(request), exc.status_code)
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    def internal_error(what: str, detail: str, exc: BaseException | None = None) -> APIError:
+        """A 500 whose body says only what a client can use; the details go to the log under a reference."""
+        ref = uuid.uuid4().hex[:12]
+        trace = "".join(traceback.format_tb(exc.__traceback__))[-4000:] if exc is not None else ""
+        log.error("%s (reference %s): %s%s", what, ref, clip(detail, 500), "\n" + trace if trace else "")
+        return APIError(500, f"internal error {what}; the server log has the details under reference {ref}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s", request.url.path)
-        metrics.count(request.url.path, 500)
-        return JSONResponse(APIError(500, f"internal error: {exc}").body(), status_code=500)
+        metrics.count(route_label(request), 500)
+        error = internal_error(f"in {request.method} {route_label(request)}", f"{type(exc).__name__}: {exc}", exc)
+        return JSONResponse(error.body(), status_code=500)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
+        too_large = APIError(413, f"request body larger than {max_body_bytes} bytes")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+            raise too_large
         raw = await request.body()
         if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+            raise too_large
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            raise APIError(400, f"the request body is not valid JSON: {clip(e)}", code="invalid_json") from None
 
     def encode(prompt: Any) -> list[int]:
         with encode_lock:
@@ -217,8 +270,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
     async def prepare(req, chat: bool) -> GenRequest:
         refuse_unsupported(req)
         if req.model != model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"the model '{clip(req.model, 100)}' does not exist; this server serves "
+                           f"'{model_name}'", param="model", code="model_not_found")
         if chat:
             prompt: Any = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                            for m in req.messages]
@@ -230,7 +283,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         try:
             ids = await run_in_threadpool(encode, prompt)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+            raise APIError(400, clip(e, 500), param="messages" if chat else "prompt") from None
         if not ids:
             raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
         if max_positions and len(ids) >= max_positions:
@@ -265,6 +318,22 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             raise APIError(503, str(e), code="overloaded") from None
         return request
 
+    def event_error(event: Event) -> APIError:
+        """The decode thread's error as the client sees it: its 500s carry exception text, which stays in the log."""
+        if event.status >= 500 and event.status != 503:
+            return internal_error("while generating", event.message)
+        return APIError(event.status, event.message)
+
+    async def guarded(path: str, request: Request, chat: bool) -> Response:
+        """`complete`, with unexpected errors answered here: past this point Starlette re-raises them to
+        uvicorn, which logs the whole exception text (client text included) and the client gets a bare 500."""
+        try:
+            return await complete(path, request, chat)
+        except APIError:
+            raise
+        except Exception as e:
+            raise internal_error(f"in POST {path}", f"{type(e).__name__}: {e}", e) from None
+
     async def complete(path: str, request: Request, chat: bool) -> Response:
         authorize(request)
         req = parse(ChatRequest if chat else CompletionRequest, await read_json(request))
@@ -292,7 +361,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                 if event.kind == "text":
                     pieces.append(event.text)
                 elif event.kind == "error":
-                    raise APIError(event.status, event.message)
+                    raise event_error(event)
                 else:
                     done = event
         finally:
@@ -338,7 +407,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                     yield chunk(event.text, None)
                 elif event.kind == "error":
                     finished = True
-                    yield f"data: {json.dumps(APIError(event.status, event.message).body())}\n\n"
+                    yield f"data: {json.dumps(event_error(event).body())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 else:
@@ -358,11 +427,11 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete("/v1/chat/completions", request, chat=True)
+        return await guarded("/v1/chat/completions", request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete("/v1/completions", request, chat=False)
+        return await guarded("/v1/completions", request, chat=False)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lookahead",
@@ -378,8 +447,9 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
     async def model(name: str, request: Request) -> dict[str, Any]:
         authorize(request)
         if name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-        metrics.count("/v1/models", 200)
+            raise APIError(404, f"the model '{clip(name, 100)}' does not exist", param="model",
+                           code="model_not_found")
+        metrics.count(route_label(request), 200)
         return model_card()
 
     def policy_info() -> dict[str, Any]:
@@ -397,15 +467,24 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         return info
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         ok = scheduler.alive
-        body = {"status": "ok" if ok else "error", "model": model_name, "decode_thread": ok,
-                "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.trie),
-                "trie": trie_status, "drafting": draft, "draft_policy": policy_info()}
+        body: dict[str, Any] = {"status": "ok" if ok else "error"}
+        if not protect_ops or authorized(request):  # protected: liveness only, without the key
+            body.update(model=model_name, decode_thread=ok, batch=scheduler.active, queue=scheduler.queue_depth,
+                        trie_nodes=len(engine.trie), trie=trie_status, drafting=draft, draft_policy=policy_info())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if protect_ops:
+            authorize(request)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if protect_ops:  # FastAPI's own /openapi.json is off: serve the schema behind the key
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> JSONResponse:
+            authorize(request)
+            return JSONResponse(app.openapi())
 
     return app
