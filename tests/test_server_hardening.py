@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lookahead import DraftConfig, Engine
-from lookahead.server.app import create_app
+from lookahead.server.app import MAX_JSON_DEPTH, create_app, json_too_deep
 from lookahead.server.harness import ServerThread
 from lookahead.server.metrics import Metrics
 from lookahead.server.schemas import MAX_STOP_CHARS, ChatRequest, CompletionRequest, parse
@@ -223,3 +223,35 @@ def test_decode_thread_errors_do_not_leak_exception_text(real_engine, monkeypatc
     assert "reference" in whole.json()["error"]["message"]
     assert streamed.status_code == 200 and '"error"' in streamed.text and "SECRET" not in streamed.text
     assert any("SECRET" in rec.getMessage() for rec in caplog.records)
+
+
+# -- 3: tiny temperatures, deep nesting ----------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 1e-6])
+def test_tiny_positive_temperature_decodes_greedily(server, temperature):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6}
+    sampled = post(server.url + CHAT_URL, {**body, "temperature": temperature, "seed": 1})
+    assert sampled.status_code == 200, sampled.text
+    greedy = post(server.url + CHAT_URL, {**body, "temperature": 0}).json()
+    assert sampled.json()["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("depth", [3_000, 100_000])
+@pytest.mark.parametrize("where", ["extra", "messages"])
+def test_deeply_nested_json_is_refused(server, depth, where):
+    nested = "[" * depth + "]" * depth
+    if where == "extra":
+        raw = json.dumps(OK)[:-1] + f', "metadata": {nested}}}'
+    else:
+        raw = json.dumps({**OK, "messages": "@"}).replace('"@"', nested)
+    r = post(server.url + CHAT_URL, raw.encode())
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["code"] == "invalid_json" and str(MAX_JSON_DEPTH) in r.json()["error"]["message"]
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_are_fine(server):
+    shallow = {**OK, "metadata": json.loads("[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2)),
+               "messages": [{"role": "user", "content": "[{" * 100}]}
+    r = post(server.url + CHAT_URL, shallow)
+    assert r.status_code == 200, r.text
+    assert not json_too_deep(json.dumps({"s": '["\\"' * 10_000}).encode())
+    assert json_too_deep(b'{"a": "]]]]", "b": ' + b"[" * 65 + b"]" * 65 + b"}")

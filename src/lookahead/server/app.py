@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ from .schemas import APIError, ChatRequest, CompletionRequest, parse, refuse_uns
 
 log = logging.getLogger("lookahead.server")
 
+MAX_JSON_DEPTH = 64  # nesting deeper than any OpenAI body needs; json/pydantic recurse per level
 UNMATCHED = "unmatched"  # the metrics label of requests no route matched
 
 
@@ -44,6 +46,25 @@ def clip(text: object, limit: int = 200) -> str:
     cut = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates become escapes
     cut = cut.replace("\r", "\\r").replace("\n", "\\n")
     return cut + f"...(+{len(text) - limit} chars)" if len(text) > limit else cut
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays/objects more than `limit` deep (brackets inside strings ignored).
+
+    Cheap enough to run on every body before parsing: a C-level count in the common case, then a
+    vectorised running sum over the bracket characters.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    import numpy as np
+
+    chars = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = ((chars == ord("[")) | (chars == ord("{"))).astype(np.int32)
+    step -= ((chars == ord("]")) | (chars == ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0)) > limit
 
 
 def route_label(request: Request) -> str:
@@ -158,10 +179,15 @@ def new_run(engine, ids: list[int], max_tokens: int, stops: list[str], draft: bo
     return _Run(engine, ids, max_tokens, stops, draft)
 
 
+# Below this, sampling is greedy to within float precision, while logits / temperature overflow to inf
+# (1e-40 gave "probability tensor contains either inf, nan or element < 0"): treat it as 0.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
     temperature = default_temperature if req.temperature is None else float(req.temperature)
     args: dict[str, Any] = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-    if temperature > 0:
+    if temperature >= MIN_SAMPLING_TEMPERATURE:
         # OpenAI semantics: no top-k; top_p only when given.
         args.update(do_sample=True, temperature=temperature, top_k=0, top_p=req.top_p, seed=req.seed)
     return {k: (float(v) if isinstance(v, float | int) and k.endswith("penalty") else v)
@@ -258,10 +284,16 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         raw = await request.body()
         if len(raw) > max_body_bytes:
             raise too_large
+        # json and pydantic recurse once per nesting level: refuse deep bodies before they reach either.
+        if json_too_deep(raw):
+            raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+                           code="invalid_json")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {clip(e)}", code="invalid_json") from None
+        except RecursionError:  # (the depth scan should have caught it)
+            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
 
     def encode(prompt: Any) -> list[int]:
         with encode_lock:
