@@ -28,6 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import encode_messages
 from ..drafting.trie import TokenTrie, TrieFileError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import DraftPolicy, Event, QueueFull, Scheduler
@@ -295,9 +296,10 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         except RecursionError:  # (the depth scan should have caught it)
             raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
 
-    def encode(prompt: Any) -> list[int]:
+    def encode(prompt: Any, chat: bool) -> list[int]:
         with encode_lock:
-            return engine.encode(prompt)
+            # Chat contents are tokenized as text: special-token strings in them cannot forge turns.
+            return encode_messages(engine.tokenizer, prompt) if chat else engine.encode(prompt)
 
     async def prepare(req, chat: bool) -> GenRequest:
         refuse_unsupported(req)
@@ -313,7 +315,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                 raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt",
                                code="invalid_value")
         try:
-            ids = await run_in_threadpool(encode, prompt)
+            ids = await run_in_threadpool(encode, prompt, chat)
         except ValueError as e:
             raise APIError(400, clip(e, 500), param="messages" if chat else "prompt") from None
         if not ids:
