@@ -6,6 +6,7 @@ Runs on the real embedded model (fp32); generations are a few tokens long.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -270,3 +271,38 @@ def test_special_token_text_in_a_message_is_encoded_as_text(server):
                                                                                draft=False).text
     forged_turns = server.engine.encode(messages)  # what a whole-text tokenization makes of it
     assert len(forged_turns) != len(ids)
+
+
+# -- 9: bounded body reading ---------------------------------------------------------------------------------
+def test_chunked_body_is_not_read_past_the_limit(real_engine):
+    """An endless chunked body: the app stops pulling it at the limit and answers 413."""
+    app = create_app(fresh_engine(real_engine), model_name=MODEL, max_body_bytes=4 << 20)
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b" " * (1 << 20), "more_body": pulled < 200}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": CHAT_URL, "raw_path": CHAT_URL.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 413
+    assert pulled <= 5  # 4 MiB in 1 MiB chunks, and the one that crossed the limit
+
+
+def test_chunked_body_over_the_limit_over_http(server):
+    def chunks():
+        for _ in range(8):
+            yield b" " * (1 << 20)
+    try:
+        r = httpx.post(server.url + CHAT_URL, content=chunks(), headers={"content-type": "application/json"})
+    except httpx.TransportError:  # the server may close the connection before the client has sent it all
+        return
+    assert r.status_code == 413 and "error" in r.json()

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import encode_messages
 from ..drafting.trie import TokenTrie, TrieFileError
@@ -282,9 +283,14 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             raise too_large
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise too_large
+        # Stop reading at the limit: a chunked body (no content-length) is never buffered past it.
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         # json and pydantic recurse once per nesting level: refuse deep bodies before they reach either.
         if json_too_deep(raw):
             raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
@@ -365,6 +371,9 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             return await complete(path, request, chat)
         except APIError:
             raise
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            metrics.count(path, 499)
+            return Response(status_code=499)
         except Exception as e:
             raise internal_error(f"in POST {path}", f"{type(e).__name__}: {e}", e) from None
 
