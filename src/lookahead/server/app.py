@@ -278,7 +278,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(request: Request) -> tuple[Any, bytes]:
+        """The decoded body, and its bytes."""
         too_large = APIError(413, f"request body larger than {max_body_bytes} bytes")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
@@ -296,7 +297,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
                            code="invalid_json")
         try:
-            return json.loads(raw)
+            return json.loads(raw), raw
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {clip(e)}", code="invalid_json") from None
         except RecursionError:  # (the depth scan should have caught it)
@@ -379,7 +380,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
 
     async def complete(path: str, request: Request, chat: bool) -> Response:
         authorize(request)
-        req = parse(ChatRequest if chat else CompletionRequest, await read_json(request))
+        body, raw = await read_json(request)
+        req = parse(ChatRequest if chat else CompletionRequest, body, raw=raw)
         gen = await prepare(req, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         now = int(time.time())
