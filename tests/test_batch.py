@@ -206,3 +206,16 @@ def test_a_request_that_fails_alone_leaves_the_batch_running():
         decoder.step()
     assert isinstance(bad.error, RuntimeError) and good.error is None
     assert good.ids == hf_greedy(model, BASE, 12)
+
+
+def test_a_request_can_cap_or_turn_off_its_own_drafting():
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    engine.generate(BASE, max_new_tokens=24)  # the shared trie learns the continuation: drafts will be long
+    capped, off, free = (engine.request(BASE, 24, max_draft=2), engine.request(BASE, 24, draft=False),
+                         engine.request(BASE, 24))
+    outs = engine.generate_batch([capped, off, free], progress=False)
+    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids == hf_greedy(model, BASE, 24)
+    assert 0 < outs[0].stats.draft_tokens <= 2 * outs[0].stats.steps
+    assert outs[1].stats.draft_tokens == 0 and outs[1].stats.steps == 24
+    assert outs[2].stats.draft_tokens > 2 * outs[2].stats.steps

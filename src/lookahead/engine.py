@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .chat import encode_messages
 from .decoding.accept import accept_greedy
 from .decoding.cost import CostModel, cached_cost, cost_path, load_cost, measure_cost
 from .decoding.sampling import SamplingParams
@@ -110,8 +111,8 @@ class Engine:
         if all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model's tokenizer has no chat template; pass a plain string prompt")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            # Contents are text: a special-token string inside a message cannot close its turn.
+            return encode_messages(self.tokenizer, prompt)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
     def request(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,

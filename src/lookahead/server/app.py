@@ -12,8 +12,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..decoding.sampling import SamplingParams
 from ..drafting.state import StateFileError
@@ -32,6 +35,58 @@ from .scheduler import Event, Job, QueueFull, Scheduler
 from .schemas import APIError, ChatRequest, CompletionRequest, parse, refuse_unsupported
 
 log = logging.getLogger("lookahead.server")
+
+MAX_JSON_DEPTH = 64  # nesting deeper than any OpenAI body needs; json/pydantic recurse per level
+UNMATCHED = "unmatched"  # the metrics label of requests no route matched
+
+
+def clip(text: object, limit: int = 200) -> str:
+    """Client-controlled text as it may appear in a log line or an error message: one line, bounded."""
+    text = str(text)
+    cut = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates become escapes
+    cut = cut.replace("\r", "\\r").replace("\n", "\\n")
+    return cut + f"...(+{len(text) - limit} chars)" if len(text) > limit else cut
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays/objects more than `limit` deep (brackets inside strings ignored).
+
+    Cheap enough to run on every body before parsing: a C-level count in the common case, then a
+    vectorised running sum over the bracket characters.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    import numpy as np
+
+    chars = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = ((chars == ord("[")) | (chars == ord("{"))).astype(np.int32)
+    step -= ((chars == ord("]")) | (chars == ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0)) > limit
+
+
+def route_label(request: Request) -> str:
+    """The metrics label of a request: its route's template, never the raw path (which clients choose)."""
+    path = getattr(request.scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class _ClipAccessLog(logging.Filter):
+    """Bounds the path uvicorn's access log writes per request (a client picks it, up to the HTTP line limit)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], clip(args[2]), *args[3:])
+        return True
+
+
+def _clip_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _ClipAccessLog) for f in access.filters):
+        access.addFilter(_ClipAccessLog())
 
 
 # -- what drafting learned, on disk ------------------------------------------------------------
@@ -100,10 +155,15 @@ class StateKeeper:
         self.save_if_changed()
 
 
+# Below this, sampling is greedy to within float precision, while logits / temperature overflow to inf
+# (1e-40 gave "probability tensor contains either inf, nan or element < 0"): treat it as 0.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
     temperature = default_temperature if req.temperature is None else float(req.temperature)
     args: dict[str, Any] = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-    if temperature > 0:
+    if temperature >= MIN_SAMPLING_TEMPERATURE:
         # OpenAI semantics: no top-k; top_p only when given.
         args.update(do_sample=True, temperature=temperature, top_k=0, top_p=req.top_p, seed=req.seed)
     return {k: (float(v) if isinstance(v, float | int) and k.endswith("penalty") else v)
@@ -113,9 +173,16 @@ def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
 # -- the app --------------------------------------------------------------------------------------
 def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None = None,
                trie_path: str | os.PathLike | None = None, save_every: float = 300.0, max_batch: int = 32,
-               max_waiting: int = 512, draft: bool = True, max_tokens_limit: int | None = None, default_temperature: float = 0.0,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
-    """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan."""
+               max_waiting: int = 512, draft: bool = True, max_tokens_limit: int | None = None,
+               default_temperature: float = 0.0, max_body_bytes: int = 4 << 20, protect_ops: bool = False) -> FastAPI:
+    """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan.
+
+    `protect_ops` puts /metrics, /openapi.json and the details of /health behind `api_key` too (an
+    unauthenticated /health then answers only {"status"}, for liveness probes).
+    """
+    if protect_ops and api_key is None:
+        raise ValueError("protect_ops needs an api_key to protect /health, /metrics and /openapi.json with")
+    _clip_access_log()
     trie_status = load_state(engine, trie_path)
     scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
     metrics = Metrics(scheduler, lambda: engine.state.trie)
@@ -140,58 +207,83 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             if keeper:
                 keeper.stop()
 
-    app = FastAPI(title="lookahead", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="lookahead", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if protect_ops else "/openapi.json")
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
     app.state.keeper, app.state.trie_status, app.state.model_name = keeper, trie_status, model_name
 
     # -- errors: always an OpenAI-style body ----------------------------------------------------
+    # Metrics are labelled by route template (bounded), and log lines carry clipped client text only.
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.count(request.url.path, exc.status)
+        metrics.count(route_label(request), exc.status)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        metrics.count(request.url.path if exc.status_code != 404 else "other", exc.status_code)
+        metrics.count(route_label(request), exc.status_code)
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    def internal_error(what: str, detail: str, exc: BaseException | None = None) -> APIError:
+        """A 500 whose body says only what a client can use; the details go to the log under a reference."""
+        ref = uuid.uuid4().hex[:12]
+        trace = "".join(traceback.format_tb(exc.__traceback__))[-4000:] if exc is not None else ""
+        log.error("%s (reference %s): %s%s", what, ref, clip(detail, 500), "\n" + trace if trace else "")
+        return APIError(500, f"internal error {what}; the server log has the details under reference {ref}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s", request.url.path)
-        metrics.count(request.url.path, 500)
-        return JSONResponse(APIError(500, f"internal error: {exc}").body(), status_code=500)
+        metrics.count(route_label(request), 500)
+        error = internal_error(f"in {request.method} {route_label(request)}", f"{type(exc).__name__}: {exc}", exc)
+        return JSONResponse(error.body(), status_code=500)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(request: Request) -> tuple[Any, bytes]:
+        """The decoded body, and its bytes."""
+        too_large = APIError(413, f"request body larger than {max_body_bytes} bytes")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+            raise too_large
+        # Stop reading at the limit: a chunked body (no content-length) is never buffered past it.
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        # json and pydantic recurse once per nesting level: refuse deep bodies before they reach either.
+        if json_too_deep(raw):
+            raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+                           code="invalid_json")
         try:
-            return json.loads(raw)
+            return json.loads(raw), raw
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            raise APIError(400, f"the request body is not valid JSON: {clip(e)}", code="invalid_json") from None
+        except RecursionError:  # (the depth scan should have caught it)
+            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
 
-    def encode(prompt: Any) -> list[int]:
-        with encode_lock:
+    def encode(prompt: Any, chat: bool) -> list[int]:
+        with encode_lock:  # chat contents are tokenized as text (Engine.encode): they cannot forge turns
             return engine.encode(prompt)
 
     async def prepare(req, chat: bool) -> Job:
         refuse_unsupported(req)
         if req.model != model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"the model '{clip(req.model, 100)}' does not exist; this server serves "
+                           f"'{model_name}'", param="model", code="model_not_found")
         if chat:
             prompt: Any = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                            for m in req.messages]
@@ -201,9 +293,9 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                 raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt",
                                code="invalid_value")
         try:
-            ids = await run_in_threadpool(encode, prompt)
+            ids = await run_in_threadpool(encode, prompt, chat)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+            raise APIError(400, clip(e, 500), param="messages" if chat else "prompt") from None
         if not ids:
             raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
         if max_positions and len(ids) >= max_positions:
@@ -225,8 +317,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                            param=param, code="context_length_exceeded")
         sampling = _sampling_args(req, default_temperature)
         try:
-            gen = await run_in_threadpool(engine.request, ids, max_tokens, req.stops(), draft,
-                                          SamplingParams.of(**sampling))
+            gen = await run_in_threadpool(engine.request, ids, max_tokens, req.stops(), draft and req.drafting,
+                                          SamplingParams.of(**sampling), req.max_draft_tokens)
         except ValueError as e:  # the engine's own checks (sampling parameters, limits)
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -239,9 +331,34 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
             raise APIError(503, str(e), code="overloaded") from None
         return job
 
+    def usage_of(done: Event) -> dict[str, Any]:
+        """OpenAI's usage, plus this request's speculation stats (an extension field)."""
+        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens, "speculation": done.speculation}
+
+    def event_error(event: Event) -> APIError:
+        """The decode thread's error as the client sees it: its 500s carry exception text, which stays in the log."""
+        if event.status >= 500 and event.status != 503:
+            return internal_error("while generating", event.message)
+        return APIError(event.status, event.message)
+
+    async def guarded(path: str, request: Request, chat: bool) -> Response:
+        """`complete`, with unexpected errors answered here: past this point Starlette re-raises them to
+        uvicorn, which logs the whole exception text (client text included) and the client gets a bare 500."""
+        try:
+            return await complete(path, request, chat)
+        except APIError:
+            raise
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            metrics.count(path, 499)
+            return Response(status_code=499)
+        except Exception as e:
+            raise internal_error(f"in POST {path}", f"{type(e).__name__}: {e}", e) from None
+
     async def complete(path: str, request: Request, chat: bool) -> Response:
         authorize(request)
-        req = parse(ChatRequest if chat else CompletionRequest, await read_json(request))
+        body, raw = await read_json(request)
+        req = parse(ChatRequest if chat else CompletionRequest, body, raw=raw)
         gen = await prepare(req, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         now = int(time.time())
@@ -266,15 +383,14 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                 if event.kind == "text":
                     pieces.append(event.text)
                 elif event.kind == "error":
-                    raise APIError(event.status, event.message)
+                    raise event_error(event)
                 else:
                     done = event
         finally:
             if done is None:
                 scheduler.cancel(gen)
         text = "".join(pieces)
-        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+        usage = usage_of(done)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": done.finish_reason, "logprobs": None}
@@ -312,15 +428,14 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
                     yield chunk(event.text, None)
                 elif event.kind == "error":
                     finished = True
-                    yield f"data: {json.dumps(APIError(event.status, event.message).body())}\n\n"
+                    yield f"data: {json.dumps(event_error(event).body())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 else:
                     finished = True
                     yield chunk(None, event.finish_reason)
                     if include_usage:
-                        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                                 "total_tokens": event.prompt_tokens + event.completion_tokens}
+                        usage = usage_of(event)
                         body = {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [],
                                 "usage": usage}
                         yield f"data: {json.dumps(body)}\n\n"
@@ -332,11 +447,11 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete("/v1/chat/completions", request, chat=True)
+        return await guarded("/v1/chat/completions", request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete("/v1/completions", request, chat=False)
+        return await guarded("/v1/completions", request, chat=False)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lookahead",
@@ -352,8 +467,9 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
     async def model(name: str, request: Request) -> dict[str, Any]:
         authorize(request)
         if name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-        metrics.count("/v1/models", 200)
+            raise APIError(404, f"the model '{clip(name, 100)}' does not exist", param="model",
+                           code="model_not_found")
+        metrics.count(route_label(request), 200)
         return model_card()
 
     def policy_info() -> dict[str, Any]:
@@ -366,15 +482,24 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         return info
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         ok = scheduler.alive
-        body = {"status": "ok" if ok else "error", "model": model_name, "decode_thread": ok,
-                "batch": scheduler.active, "queue": scheduler.queue_depth, "trie_nodes": len(engine.state.trie),
-                "trie": trie_status, "drafting": draft, "draft_policy": policy_info()}
+        body: dict[str, Any] = {"status": "ok" if ok else "error"}
+        if not protect_ops or authorized(request):  # protected: liveness only, without the key
+            body.update(model=model_name, decode_thread=ok, batch=scheduler.active, queue=scheduler.queue_depth,
+                        trie_nodes=len(engine.state.trie), trie=trie_status, drafting=draft, draft_policy=policy_info())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if protect_ops:
+            authorize(request)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if protect_ops:  # FastAPI's own /openapi.json is off: serve the schema behind the key
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> JSONResponse:
+            authorize(request)
+            return JSONResponse(app.openapi())
 
     return app

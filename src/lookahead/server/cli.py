@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("LOOKAHEAD_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LOOKAHEAD_API_KEY)")
+    serve.add_argument("--protect-ops", action="store_true",
+                       help="with --api-key: /metrics, /openapi.json and /health's details need the key too "
+                       "(/health without it answers only its status)")
     serve.add_argument("--trie", default=None, metavar="PATH", help="shared trie file: loaded at start, "
                        "saved periodically and on shutdown")
     serve.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
@@ -71,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ..engine import load
     from .app import create_app
 
+    if args.protect_ops and not args.api_key:
+        print("lookahead: --protect-ops needs --api-key (or $LOOKAHEAD_API_KEY)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "smollm2-135m"
     app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
                      max_batch=args.max_batch, draft=not args.no_draft,
-                     max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature)
+                     max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
+                     protect_ops=args.protect_ops)
     print(f"lookahead: serving {name} on http://{args.host}:{args.port}/v1 (trie: {app.state.trie_status})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)

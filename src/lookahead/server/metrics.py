@@ -13,17 +13,23 @@ __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 class Metrics:
     """HTTP request counts plus the scheduler's and the shared trie's numbers."""
 
-    def __init__(self, scheduler, trie_getter) -> None:
+    def __init__(self, scheduler, trie_getter, max_series: int = 200) -> None:
         self.scheduler = scheduler
         self.trie = trie_getter
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status code) -> count
+        # Callers label by route template; this bound is the backstop should a label ever come from a client.
+        self.max_series = max_series
         self._lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
     def count(self, endpoint: str, status: int) -> None:
+        """Count one request; past `max_series` label pairs, new ones fold into endpoint "overflow"."""
+        key = (endpoint, str(status))
         with self._lock:
-            self.requests[(endpoint, str(status))] += 1
+            if key not in self.requests and len(self.requests) >= self.max_series:
+                key = ("overflow", str(status))
+            self.requests[key] += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

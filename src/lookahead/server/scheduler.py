@@ -36,6 +36,7 @@ class Event:
     completion_tokens: int = 0
     status: int = 200
     message: str = ""
+    speculation: dict | None = None  # "done": steps, accepted tokens per step, draft nodes verified
 
 
 class Job:
@@ -234,5 +235,8 @@ class Scheduler:
             del self.jobs[id(request)]
             self.stats.completion_tokens += len(request.ids)
             self.stats.finished += 1
+            s = request.stats
             job.emit(Event("done", finish_reason=request.finish_reason, prompt_tokens=len(request.prompt),
-                           completion_tokens=len(request.ids)))
+                           completion_tokens=len(request.ids),
+                           speculation={"steps": s.steps, "accepted_tokens_per_step": round(s.mean_accepted, 3),
+                                        "draft_tokens": s.draft_tokens}))
