@@ -11,6 +11,8 @@ batched), `Engine.stream` and the server's decode thread. Each step
 6. feeds the outcome back: drafters (tries, recycle table, trust), sizing policy, cost curve.
 
 Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when done) between steps.
+With `prefill_chunk`, a joining prompt is prefilled that many tokens per step, between the batch's
+forwards, so a long prompt delays the running rows by one chunk per step, not by its whole prefill.
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
 leaves the others untouched.
 """
@@ -46,47 +48,76 @@ class StepReport:
 
 
 class _Row:
-    __slots__ = ("request", "drafter", "started")
+    __slots__ = ("request", "drafter", "started", "cache", "filled")
 
     def __init__(self, request: Request, drafter) -> None:
         self.request, self.drafter, self.started = request, drafter, time.perf_counter()
+        self.cache, self.filled = None, 0  # while prefilling: the row's own cache, prompt tokens in it
 
 
 class Decoder:
     """Owns a batch of requests and their KV cache; `step()` advances every row by one forward."""
 
     def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
-                 caps: Budget, cost: CostModel | None = None) -> None:
+                 caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
+        self.prefill_chunk = prefill_chunk  # None: a joining prompt is prefilled whole, at once
         self.rows: list[_Row] = []
+        self.prefilling: list[_Row] = []
         self.report = StepReport()          # the last step's
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.prefilling)
 
     @property
     def requests(self) -> list[Request]:
         return [row.request for row in self.rows]
 
     def add(self, request: Request) -> None:
-        """Prefill a request and make it a row (between steps). A failure ends this request alone."""
+        """A new row (between steps). Prefilled now, or chunk by chunk in the coming steps with
+        `prefill_chunk`; a failure ends this request alone (`request.error`)."""
         row = _Row(request, None)
         try:
-            self.verifier.add(row, request.prompt[:-1])
             if request.draft and self.drafting is not None:
                 row.drafter = self.drafting.drafter(request.prompt)
         except Exception as e:  # noqa: BLE001 - reported on the request, the batch goes on
-            if row in self.verifier:
-                self.verifier.remove([row])
             request.error = e
             return
-        request.stats.prefill_s = time.perf_counter() - row.started
-        self.rows.append(row)
+        self.prefilling.append(row)
+        if self.prefill_chunk is None:
+            self._prefill(len(request.prompt))
+
+    def _prefill(self, budget: int) -> list[Request]:
+        """Prefill up to `budget` prompt tokens of joining rows; returns the requests that failed."""
+        failed = []
+        while budget > 0 and self.prefilling:
+            row = self.prefilling[0]
+            ids = row.request.prompt[:-1]  # the last prompt token is the first tree's root
+            t = time.perf_counter()
+            try:
+                chunk = ids[row.filled: row.filled + budget]
+                row.cache = self.verifier.prefill(row.cache, chunk)
+                row.filled += len(chunk)
+                budget -= max(len(chunk), 1)
+                if row.filled == len(ids):
+                    self.verifier.join(row, row.cache, len(ids))
+                    row.cache = None
+            except Exception as e:  # noqa: BLE001 - this request only
+                row.request.error = e
+            row.request.stats.prefill_s += time.perf_counter() - t
+            if row.request.error is not None:
+                failed.append(row.request)
+                self.prefilling.pop(0)
+            elif row.cache is None:  # joined the batch
+                self.prefilling.pop(0)
+                self.rows.append(row)
+        return failed
 
     def remove(self, requests: Sequence[Request]) -> None:
         """Drop rows (finished, failed or cancelled) and their cache at once."""
         gone = {id(r) for r in requests}
+        self.prefilling = [row for row in self.prefilling if id(row.request) not in gone]
         leaving = [row for row in self.rows if id(row.request) in gone]
         if leaving:
             self.verifier.remove(leaving)
@@ -95,13 +126,15 @@ class Decoder:
     def abort(self) -> None:
         """After a failed forward: forget the uncommitted step and every row (their requests end)."""
         self.verifier = Verifier(self.verifier.model)
-        self.rows = []
+        self.rows, self.prefilling = [], []
 
     def step(self) -> list[Request]:
         """One forward for every row; returns the requests that finished (they have left the batch)."""
+        failed = self._prefill(self.prefill_chunk) if self.prefill_chunk and self.prefilling else []
+        return failed + self._decode() if self.rows else failed
+
+    def _decode(self) -> list[Request]:
         rows = self.rows
-        if not rows:
-            return []
         t0 = time.perf_counter()
         plan = self.sizing.plan(len(rows))
         trees, draft_s = self._draft(plan)

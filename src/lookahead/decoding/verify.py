@@ -56,18 +56,28 @@ class Verifier(ModelBound):
     @torch.inference_mode()
     def add(self, key: Hashable, ids: Sequence[int]) -> None:
         """Prefill `ids` (a prompt without its last token: that token is the first tree's root) as a new row."""
-        if key in self.keys:
-            raise ValueError(f"row {key!r} is already in the batch")
-        if self._step is not None:
-            raise RuntimeError("rows can only join between steps (after commit)")
-        row = new_cache()
+        self.join(key, self.prefill(None, ids), len(ids))
+
+    @torch.inference_mode()
+    def prefill(self, row: DynamicCache | None, ids: Sequence[int]) -> DynamicCache:
+        """Extend a one-row cache (None: a new one) by `ids`, outside the batch: a long prompt can be
+        prefilled a chunk at a time between the batch's steps."""
+        row = new_cache() if row is None else row
         if ids:
             self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=row,
                        use_cache=True, logits_to_keep=1)
             check_cache(row)
-        self._merge(row, len(ids))
+        return row
+
+    def join(self, key: Hashable, row: DynamicCache, past: int) -> None:
+        """A prefilled one-row cache of `past` positions becomes a row of the batch (between steps)."""
+        if key in self.keys:
+            raise ValueError(f"row {key!r} is already in the batch")
+        if self._step is not None:
+            raise RuntimeError("rows can only join between steps (after commit)")
+        self._merge(row, past)
         self.keys.append(key)
-        self.past.append(len(ids))
+        self.past.append(past)
 
     @torch.inference_mode()
     def remove(self, keys: Sequence[Hashable]) -> None:
