@@ -12,7 +12,7 @@ import torch
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.benchmark import cost
-from lookahead.benchmark.cli import _rerender, add_parser
+from lookahead.benchmark.cli import _rerender, _resolve_dtype, add_parser, run_facts
 from lookahead.benchmark.harness import Item, mark_equality, rotated, run_interleaved, warm_pairs, warm_up_methods
 from lookahead.benchmark.methods import Context, parse_method
 from lookahead.benchmark.report import equality_cell, markdown, write_all
@@ -252,3 +252,21 @@ def test_warm_answers_are_cached_on_disk(tiny_ctx, tmp_path, monkeypatch):
     assert self_answers(ctx.engine, items, 6, path, {}, progress=seen.append) == answers
     assert seen == list(items)
     assert [len(a) for _, a in warm_pairs(answers, items)] == [6, 6]
+
+
+def test_run_facts_record_the_machine(tiny_ctx):
+    ctx, _ = tiny_ctx
+    facts = run_facts(ctx.model, "given on the command line")
+    assert facts["threads"] == torch.get_num_threads() and facts["torch"] == torch.__version__
+    assert (facts["device"], facts["torch_dtype"], facts["kernels"]) == ("cpu", "float32", "eager")
+    assert facts["dtype_reason"] == "given on the command line" and facts["mkldnn_bf16"] in (True, False, None)
+    assert facts["transformers"] and facts["cpu_model"] and facts["cores"] >= 1
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    assert set(facts["cpu_flags"]) == {f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))}
+    args = argparse.Namespace(dtype=None)
+    _resolve_dtype(args)
+    assert args.dtype == "bfloat16" and args.dtype_reason.startswith("default")
