@@ -12,9 +12,10 @@ import torch
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.benchmark import cost
-from lookahead.benchmark.cli import _rerender, add_parser
+from lookahead.benchmark.cli import _rerender, _resolve_dtype, add_parser, run_facts
 from lookahead.benchmark.harness import Item, mark_equality, rotated, run_interleaved, warm_pairs, warm_up_methods
-from lookahead.benchmark.methods import Context, parse_method
+from lookahead.benchmark.methods import Context, parse_method, run_method
+from lookahead.benchmark.oracle import OracleState
 from lookahead.benchmark.report import equality_cell, markdown, write_all
 from lookahead.benchmark.stats import Record, first_difference, geomean, median, quantile, speedups, summarize
 
@@ -66,6 +67,52 @@ def test_accepted_and_draft_share():
     assert s["by_category"]["lookahead"]["a"]["mean_accepted"] == 2.5
     assert s["by_category"]["lookahead"]["a"]["draft_share"] == pytest.approx(0.125)
     assert s["by_category"]["pld"]["a"]["draft_share"] is None
+
+
+def _limit_records() -> list[Record]:
+    """Baseline 10 tok/s everywhere; plain 1.25x; lookahead 2x; oracle-L8 best on "a" (5x vs 4x), oracle-L4 on
+    "b" (5x vs 2x) and overall (sqrt(20) vs sqrt(10))."""
+    walls = {"baseline": (1.0, 1.0), "plain": (0.8, 0.8), "lookahead": (0.5, 0.5),
+             "oracle-L4": (0.25, 0.2), "oracle-L8": (0.2, 0.5)}
+    return [rec(f"{c}1", c, m, w[i]) for m, w in walls.items() for i, c in enumerate("ab")]
+
+
+def test_summary_vs_plain_and_fraction_of_the_best_oracle():
+    methods = ["baseline", "plain", "lookahead", "oracle-L4", "oracle-L8"]
+    s = summarize(_limit_records(), methods, ["a", "b"])
+    a, b, all_ = (s["by_category"]["lookahead"]["a"], s["by_category"]["lookahead"]["b"],
+                  s["overall"]["lookahead"])
+    assert a["speedup_vs_plain_geomean"] == pytest.approx(2 / 1.25) and all_["speedup_vs_plain_geomean"] == \
+        pytest.approx(1.6)
+    assert s["overall"]["baseline"]["speedup_vs_plain_geomean"] == pytest.approx(0.8)
+    assert s["best_oracle"] == {"a": "oracle-L8", "b": "oracle-L4", "all": "oracle-L4"}
+    assert a["oracle_fraction"] == pytest.approx(2 / 5) and b["oracle_fraction"] == pytest.approx(2 / 5)
+    assert all_["oracle_fraction"] == pytest.approx(2 / math.sqrt(20))  # of the best oracle overall, not per column
+    assert s["by_category"]["oracle-L4"]["a"]["oracle_fraction"] == pytest.approx(4 / 5)
+    assert s["overall"]["oracle-L4"]["oracle_fraction"] == pytest.approx(1.0)
+    bare = summarize(_limit_records(), ["baseline", "lookahead"], ["a", "b"])  # neither ran: no such figures
+    assert bare["overall"]["lookahead"]["speedup_vs_plain_geomean"] is None
+    assert bare["overall"]["lookahead"]["oracle_fraction"] is None and bare["best_oracle"]["all"] is None
+
+
+def test_report_shows_the_limit_columns_only_when_their_methods_ran(tmp_path):
+    meta = {"command": "x", "model": "tiny", "dtype": "float32", "mode": "greedy", "categories": ["a", "b"],
+            "limit": 1, "prompts": 2, "max_new_tokens": 10, "machine": "test", "torch": "x", "transformers": "y",
+            "near_tie": 1e-3, "definitions": {"cold": "cold.", "warm": "warm."}}  # an old file's meta
+    records = _limit_records()
+    full = ["baseline", "plain", "lookahead", "oracle-L4", "oracle-L8"]
+    md = markdown({"meta": {**meta, "methods": full}, "summary": summarize(records, full, ["a", "b"])})
+    assert "## Speedup over our own loop without drafting (`plain`)" in md and "| vs plain | % of oracle |" in md
+    assert "overall: `oracle-L4`" in md and "| lookahead | 40.0% | 40.0% | **44.7%** |" in md
+    assert "| lookahead | 1.60x | 1.60x | **1.60x** |" in md
+    old = ["baseline", "lookahead"]
+    kept = [r for r in records if r.method in old]
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {**meta, "methods": old}, "summary": {},
+                                                       "records": [r.to_json() for r in kept]}))
+    assert _rerender(tmp_path, plots=False) == 0  # `--report` on a results.json from before these columns
+    md = (tmp_path / "results.md").read_text()
+    assert "| lookahead | 2.00x | 2.00x | **2.00x** |" in md
+    assert "vs plain" not in md and "`plain`" not in md and "oracle" not in md
 
 
 # -- equality column ---------------------------------------------------------------------------
@@ -122,12 +169,43 @@ def test_parse_method_names():
         parse_method("lookahead-smedusa")
     with pytest.raises(ValueError):
         parse_method("medusa")
+    assert parse_method("plain").kind == "plain"
+    l8, bare = parse_method("oracle-L8"), parse_method("oracle")
+    assert l8.kind == bare.kind == "oracle"
+    assert (l8.draft_config.max_nodes, l8.draft_config.max_depth, l8.draft_config.sizing) == (8, 8, "fixed")
+    assert bare.draft_config.max_nodes == 16
+    for bad in ("oracle-L0", "oracle-8", "oracle-n8"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
 
 
 def test_rotation_gives_every_method_every_position():
     specs = [parse_method(n) for n in ("baseline", "pld", "lookahead")]
     firsts = [rotated(specs, i)[0].name for i in range(3)]
     assert sorted(firsts) == ["baseline", "lookahead", "pld"]
+
+
+@pytest.mark.parametrize("length", [1, 3, 4])
+def test_oracle_accepts_whole_chains_and_equals_plain(tiny_ctx, length):
+    ctx, items = tiny_ctx
+    ids = items[0].ids
+    plain = run_method(ctx, parse_method("plain"), ids)
+    r = run_method(ctx, parse_method(f"oracle-L{length}"), ids)
+    assert r.token_ids == plain.token_ids and len(r.token_ids) == ctx.max_new_tokens
+    assert all(a == length + 1 for a in r.accepted[:-1])  # every chain accepted whole, plus the bonus token
+    assert 1 <= r.accepted[-1] <= length + 1  # the tail: only the room left
+    assert r.draft_tokens == r.new_tokens - len(r.accepted)  # every verified draft node was accepted
+    assert plain.accepted == [1] * ctx.max_new_tokens and plain.draft_tokens == 0
+
+
+def test_oracle_refuses_what_it_cannot_know(tiny_ctx):
+    ctx, items = tiny_ctx
+    engine = Engine(ctx.model, ctx.engine.tokenizer, parse_method("oracle-L4").draft_config, state=OracleState())
+    with pytest.raises(KeyError, match="not prepared"):
+        engine.generate(items[1].ids, max_new_tokens=4)
+    sampling = replace(ctx, sampling={"do_sample": True, "temperature": 0.7})
+    with pytest.raises(ValueError, match="greedy only"):
+        run_method(sampling, parse_method("oracle"), items[1].ids)
 
 
 # -- a tiny end-to-end run ------------------------------------------------------------------------
@@ -148,7 +226,8 @@ def tiny_ctx():
 
 def test_tiny_end_to_end_run(tiny_ctx, tmp_path):
     ctx, items = tiny_ctx
-    names = ["baseline", "pld", "pld-n2", "assisted", "lookahead", "lookahead-warm", "lookahead-n4-d2"]
+    names = ["baseline", "pld", "pld-n2", "assisted", "lookahead", "lookahead-warm", "lookahead-n4-d2", "plain",
+             "oracle-L4"]
     specs = [parse_method(n, ctx.engine.draft_config) for n in names]
     assert len(ctx.warm_corpus) == 1
     warm_up_methods(ctx, specs, items[1].ids, tokens=2)
@@ -162,7 +241,7 @@ def test_tiny_end_to_end_run(tiny_ctx, tmp_path):
             assert r.same_as_baseline, (r.method, r.prompt_id, r.diverged_at)  # fp32: exact
     base = [r for r in records if r.method == "baseline"]
     assert all(r.mean_accepted == 1.0 and r.forward_calls == 12 for r in base)
-    la = [r for r in records if r.method.startswith("lookahead")]
+    la = [r for r in records if r.method.startswith(("lookahead", "oracle", "plain"))]
     assert all(sum(r.accepted) == 12 and r.draft_s is not None for r in la)
     assert all(r.draft_s is not None for r in records if r.method == "assisted")
 
@@ -179,6 +258,7 @@ def test_tiny_end_to_end_run(tiny_ctx, tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md == markdown(results) and "| code | lookahead-warm |" in md and "2/2" not in md
     assert "| lookahead |" in md and "| 1/1 |" in md
+    assert "| vs plain | % of oracle |" in md and "| code | oracle-L4 |" in md
     assert [p.name for p in written] == ["results.json", "results.md"]
     (tmp_path / "results.md").unlink()
     assert _rerender(tmp_path, plots=False) == 0  # `lookahead bench --report DIR`
@@ -252,3 +332,21 @@ def test_warm_answers_are_cached_on_disk(tiny_ctx, tmp_path, monkeypatch):
     assert self_answers(ctx.engine, items, 6, path, {}, progress=seen.append) == answers
     assert seen == list(items)
     assert [len(a) for _, a in warm_pairs(answers, items)] == [6, 6]
+
+
+def test_run_facts_record_the_machine(tiny_ctx):
+    ctx, _ = tiny_ctx
+    facts = run_facts(ctx.model, "given on the command line")
+    assert facts["threads"] == torch.get_num_threads() and facts["torch"] == torch.__version__
+    assert (facts["device"], facts["torch_dtype"], facts["kernels"]) == ("cpu", "float32", "eager")
+    assert facts["dtype_reason"] == "given on the command line" and facts["mkldnn_bf16"] in (True, False, None)
+    assert facts["transformers"] and facts["cpu_model"] and facts["cores"] >= 1
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    assert set(facts["cpu_flags"]) == {f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))}
+    args = argparse.Namespace(dtype=None)
+    _resolve_dtype(args)
+    assert args.dtype == "bfloat16" and args.dtype_reason.startswith("default")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_METHODS = "baseline,pld,assisted,lookahead,lookahead-warm"
+DEFAULT_DTYPE = "bfloat16"
 # Classic speculative decoding needs a draft model with the target's tokenizer.
 ASSISTANTS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
 
@@ -20,13 +21,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Runs every method on each prompt in turn (interleaved), then writes results.json, "
                     "results.md and PNG plots to --out. With --cost-curve: the verify cost t(k)/t(1) instead.")
     p.add_argument("--model", default="smollm2-135m", help="named model, .gguf file or HF directory")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (exact reference)")
+    p.add_argument("--dtype", default=None, help="bfloat16 (fast on CPU; the default) or float32 (exact reference)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tasks", default="code,chat,summary,qa", help="comma-separated categories")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: baseline, pld (n-gram 3), pld-nN, assisted, lookahead (cold trie), "
                         "lookahead-warm, lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed] "
-                        "(a DraftConfig variant: size, sources, fixed sizing); "
+                        "(a DraftConfig variant: size, sources, fixed sizing), plain (our loop, no drafting), "
+                        "oracle-LN (our loop, always-right chains of N tokens; greedy only; oracle = oracle-L16); "
                         f"default {DEFAULT_METHODS} (assisted only where a draft model is known)")
     p.add_argument("--limit", type=int, default=6, help="test prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -69,16 +71,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _cpu_model() -> str:
+    from ..decoding.cost import cpu_info
+
+    return cpu_info()[0] or platform.processor() or platform.machine()
+
+
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    return f"{_cpu_model()}, {os.cpu_count()} cores"
+
+
+def _resolve_dtype(args: argparse.Namespace) -> None:
+    """Fill in the default --dtype and say why the run uses the dtype it does (results.json records it)."""
+    if args.dtype is None:
+        args.dtype = DEFAULT_DTYPE
+        args.dtype_reason = f"default ({DEFAULT_DTYPE}: half the memory traffic of float32)"
+    else:
+        args.dtype_reason = "given on the command line"
+
+
+def _mkldnn_bf16() -> bool | None:
+    import torch
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent or failing on some builds
+        return None
+
+
+def run_facts(model, dtype_reason: str) -> dict:
+    """What decides kernel speed, for results.json: CPU and its flags, threads, versions, oneDNN bf16
+    support, device, dtype and why that dtype."""
+    from ..decoding.cost import cpu_info
+
+    param = next(model.parameters())
+    return {"cpu_model": _cpu_model(), "cpu_flags": cpu_info()[1], "cores": os.cpu_count(),
+            "threads": torch_threads(), **_versions(), "mkldnn_bf16": _mkldnn_bf16(),
+            "device": str(param.device), "torch_dtype": str(param.dtype).removeprefix("torch."),
+            "dtype_reason": dtype_reason,
+            # Plain PyTorch ops (no torch.compile, no custom kernels) for every method so far.
+            "kernels": "eager", "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
 def _default_out(args, mode: str) -> Path:
@@ -138,6 +170,7 @@ def run_cli(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    _resolve_dtype(args)
     if args.report:
         return _rerender(Path(args.report), plots=not args.no_plots)
     if args.cost_curve:
@@ -182,9 +215,9 @@ def _cost_curve(args) -> int:
     out = Path(args.out) if args.out else _default_out(args, "cost")
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.model} · {args.dtype} · {torch_threads()} threads · {_machine()}"
-    curve["meta"] = {"model": args.model, "dtype": args.dtype, "machine": _machine(), "threads": torch_threads(),
+    curve["meta"] = {"model": args.model, "dtype": args.dtype, "machine": _machine(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                     "command": _command(args, []), **_versions(),
+                     "command": _command(args, []), **run_facts(engine.model, args.dtype_reason),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (out / "cost_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
     md = cost.markdown(curve, title)
@@ -340,9 +373,10 @@ def _bench(args) -> int:
             "warm_source": args.warm_source, "warm_limit": args.warm_limit, "trie_scope": args.trie_scope,
             "warm_corpus_answers": len(ctx.warm_corpus),
             "warm_corpus_tokens": sum(len(a) for _, a in ctx.warm_corpus),
-            "machine": _machine(), "threads": torch_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "machine": _machine(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": [load_before, _loadavg()],  # 1-minute load at the start and end of the timed part
-            **_versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **run_facts(engine.model, args.dtype_reason),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "definitions": {
                 "cold": ("lookahead = cold: every prompt starts from a fresh engine state (empty shared trie, "
                          "empty recycle table), so it drafts from the prompt and its own output only."

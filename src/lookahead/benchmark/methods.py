@@ -7,6 +7,8 @@
 - lookahead[-warm]-nA-dB-mC: the same with DraftConfig(max_nodes=A, max_depth=B, max_match=C), for tuning
 - ablations: a `-sSRC+SRC` suffix keeps only those draft sources (e.g. `lookahead-sprompt+history`),
   `-fixed` verifies the whole budget every step instead of the measured size (`lookahead-n24-d12-fixed`)
+- plain: this engine's own loop without drafting (what drafting is measured against, loop costs equal)
+- oracle-LN: this engine's loop with always-right chains of N tokens (oracle.py); `oracle`: N = 16
 
 Every call is timed from outside (wall clock, prefill included). Forward hooks on the target
 (and draft) model count and time their forward calls, which tells where the time goes
@@ -23,22 +25,24 @@ import torch
 
 from ..drafting.state import SOURCES
 from ..engine import DraftConfig, Engine
-from .stats import BASELINE, Record
+from .oracle import DEFAULT_LENGTH, OracleState, oracle_config
+from .stats import BASELINE, PLAIN, Record
 
 PLD_TOKENS = 10
 DEFAULT_PLD_NGRAM = 3
 _LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?"
                         r"(?:-s(?P<src>[a-z]+(?:\+[a-z]+)*))?(?P<fixed>-fixed)?$")
 _PLD = re.compile(r"^pld(?:-n(?P<n>\d+))?$")
+_ORACLE = re.compile(r"^oracle(?:-L(?P<length>\d+))?$")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    kind: str                       # baseline | pld | assisted | lookahead
+    kind: str                       # baseline | pld | assisted | lookahead | plain | oracle
     warm: bool = False
     ngram: int | None = None        # pld
-    draft_config: DraftConfig | None = None  # lookahead; None = the engine's
+    draft_config: DraftConfig | None = None  # lookahead; None = the engine's. oracle: its chain length
 
 
 def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
@@ -46,8 +50,13 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
     name = name.strip()
     if name == BASELINE:
         return MethodSpec(name, "baseline")
-    if name == "assisted":
-        return MethodSpec(name, "assisted")
+    if name in ("assisted", PLAIN):
+        return MethodSpec(name, name)
+    if m := _ORACLE.match(name):
+        length = int(m["length"]) if m["length"] else DEFAULT_LENGTH
+        if length < 1:
+            raise ValueError(f"method {name!r}: the chain length must be >= 1")
+        return MethodSpec(name, "oracle", draft_config=oracle_config(length))
     if m := _PLD.match(name):
         return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
     if m := _LOOKAHEAD.match(name):
@@ -65,8 +74,8 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         if m["fixed"]:
             cfg = replace(cfg, sizing="fixed")
         return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
-    raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, lookahead, lookahead-warm, "
-                     "or lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed]")
+    raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, plain, oracle, oracle-LN, "
+                     "lookahead, lookahead-warm, or lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed]")
 
 
 class ForwardMeter:
@@ -115,6 +124,7 @@ class Context:
     # would have: the prompt's last max_match tokens (the lead-in), then the answer
     warm_corpus: list[tuple[list[int], list[int]]] = field(default_factory=list)
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
+    oracle: OracleState = field(default_factory=OracleState)  # the plain answers, shared by every oracle-LN
     _engines: dict = field(default_factory=dict)
 
     @property
@@ -192,14 +202,14 @@ def run_assisted(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     return _run_hf(ctx, spec, ids, assistant=ctx.assistant)
 
 
-def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
-    engine = ctx.engine_for(spec)
+def _run_engine(ctx: Context, spec: MethodSpec, engine: Engine, ids: list[int], draft: bool = True) -> Record:
+    """One timed `engine.generate` call (our decode core), as a Record."""
     kwargs = dict(ctx.sampling or {})
     if ctx.sampling:
         kwargs["seed"] = ctx.seed
     with ForwardMeter(engine.model) as target:
         t0 = time.perf_counter()
-        out = engine.generate(list(ids), max_new_tokens=ctx.max_new_tokens, **kwargs)
+        out = engine.generate(list(ids), max_new_tokens=ctx.max_new_tokens, draft=draft, **kwargs)
         wall = time.perf_counter() - t0
     s = out.stats
     return Record(prompt_id="", category="", method=spec.name, prompt_tokens=len(ids), token_ids=list(out.token_ids),
@@ -209,8 +219,27 @@ def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
                   sources={k: list(v) for k, v in (getattr(s, "sources", None) or {}).items()} or None)
 
 
+def run_lookahead(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    return _run_engine(ctx, spec, ctx.engine_for(spec), ids)
+
+
+def run_plain(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    # draft=False never reads the drafting state, so the shared engine serves as it is.
+    return _run_engine(ctx, spec, ctx.engine, ids, draft=False)
+
+
+def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
+    if ctx.sampling:  # a sampled answer is not known in advance: drafting changes which draws are made
+        raise ValueError(f"method {spec.name!r} is greedy only (drop --sampling or the oracle)")
+    # Its own engine (the oracle as drafting state, the spec's chain length) on the shared model.
+    engine = Engine(ctx.model, ctx.engine.tokenizer, spec.draft_config, state=ctx.oracle)
+    ctx.oracle.prepare(engine, ids, ctx.max_new_tokens)  # untimed: the answer is the oracle's knowledge
+    return _run_engine(ctx, spec, engine, ids)
+
+
 RUNNERS: dict[str, Callable[[Context, MethodSpec, list[int]], Record]] = {
-    "baseline": run_baseline, "pld": run_pld, "assisted": run_assisted, "lookahead": run_lookahead}
+    "baseline": run_baseline, "pld": run_pld, "assisted": run_assisted, "lookahead": run_lookahead,
+    "plain": run_plain, "oracle": run_oracle}
 
 
 def run_method(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:

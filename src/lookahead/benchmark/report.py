@@ -5,7 +5,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .stats import BASELINE, Record
+from .stats import BASELINE, PLAIN, Record, is_oracle
 
 
 def _f(x, fmt: str = ".2f", none: str = "–") -> str:
@@ -26,31 +26,70 @@ def equality_cell(g: dict) -> str:
     return cell
 
 
-def markdown(results: dict) -> str:
-    meta, summary = results["meta"], results["summary"]
-    methods, categories = meta["methods"], meta["categories"]
-    by_cat, overall = summary["by_category"], summary["overall"]
-    lines = [f"# Benchmark: {meta['model']} ({meta['dtype']}, {meta['mode']})", ""]
-    lines += [f"`{meta['command']}`", ""]
+def _machine_line(meta: dict) -> str:
+    """CPU, its kernel-relevant flags and the numeric setup (older results.json lack the details)."""
     load = meta.get("load_average") or []
     busy = f" (1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)" \
         if len(load) == 2 and None not in load else ""
-    lines += [f"{meta['machine']}{busy}; torch {meta['torch']}, transformers {meta['transformers']}; "
-              f"{meta['prompts']} prompts ({meta['limit']} per category, test split), "
+    facts = [f"{meta['machine']}{busy}"]
+    if meta.get("cpu_flags") is not None:
+        facts.append("flags " + (" ".join(meta["cpu_flags"]) or "none of avx/amx/fma/sse4"))
+    if "threads" in meta:
+        facts.append(f"{meta['threads']} torch threads")
+    facts.append(f"torch {meta['torch']}, transformers {meta['transformers']}")
+    if meta.get("device"):
+        facts.append(f"{meta['device']}, {meta['dtype']} ({meta.get('dtype_reason', '?')}), "
+                     f"kernels {meta.get('kernels', '?')}, oneDNN bf16 {meta.get('mkldnn_bf16', '?')}")
+    return "; ".join(facts)
+
+
+def _has(methods: Sequence[str], summary: dict, key: str) -> bool:
+    """Whether any method has figure `key` (it only exists when plain / an oracle ran)."""
+    return any(summary["overall"].get(m, {}).get(key) is not None for m in methods)
+
+
+def _column_table(methods: Sequence[str], categories: Sequence[str], summary: dict, key: str, cell) -> list[str]:
+    """One row per method, one column per category and one for all (geomean of categories)."""
+    by_cat, overall = summary["by_category"], summary["overall"]
+    lines = ["| method | " + " | ".join(categories) + " | all (geomean of categories) |",
+             "|---|" + "---:|" * (len(categories) + 1)]
+    for m in methods:
+        cells = [cell(by_cat[m].get(c, {}).get(key)) for c in categories]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{cell(overall[m].get(key))}** |")
+    return lines + [""]
+
+
+def _times(x) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def markdown(results: dict) -> str:
+    meta, summary = results["meta"], results["summary"]
+    methods, categories = meta["methods"], meta["categories"]
+    by_cat = summary["by_category"]
+    lines = [f"# Benchmark: {meta['model']} ({meta['dtype']}, {meta['mode']})", ""]
+    lines += [f"`{meta['command']}`", ""]
+    lines += [f"{_machine_line(meta)}; {meta['prompts']} prompts ({meta['limit']} per category, test split), "
               f"max {meta['max_new_tokens']} new tokens; {meta['definitions']['cold']} "
               f"{meta['definitions']['warm']}", ""]
+    drafted = [m for m in methods if m != BASELINE]
     lines += ["## Speedup over transformers greedy `generate()` (geometric mean of per-prompt ratios)", ""]
-    lines += ["| method | " + " | ".join(categories) + " | all (geomean of categories) |",
-              "|---|" + "---:|" * (len(categories) + 1)]
-    for m in methods:
-        if m == BASELINE:
-            continue
-        cells = [_f(by_cat[m].get(c, {}).get("speedup_geomean")) + "x" for c in categories]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{_f(overall[m].get('speedup_geomean'))}x** |")
-    lines += ["", "## Per method and category", ""]
-    lines += ["| category | method | tok/s median [p25–p75] | speedup geomean [min–max] | accepted tok/step "
-              "| draft nodes/step | draft share | model-forward share | same tokens as baseline |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += _column_table(drafted, categories, summary, "speedup_geomean", _times)
+    vs_plain = [m for m in methods if m not in (BASELINE, PLAIN)]
+    if _has(vs_plain, summary, "speedup_vs_plain_geomean"):
+        lines += ["## Speedup over our own loop without drafting (`plain`)", ""]
+        lines += _column_table(vs_plain, categories, summary, "speedup_vs_plain_geomean", _times)
+    oracle = (summary.get("best_oracle") or {}).get("all")
+    if _has(drafted, summary, "oracle_fraction"):
+        lines += [f"## Share of the oracle's speedup (best oracle per column; overall: `{oracle}`)", ""]
+        lines += _column_table(drafted, categories, summary, "oracle_fraction", _pct)
+    lines += ["## Per method and category", ""]
+    plain_col, oracle_col = _has(methods, summary, "speedup_vs_plain_geomean"), oracle is not None
+    lines += ["| category | method | tok/s median [p25–p75] | speedup geomean [min–max] "
+              + ("| vs plain " if plain_col else "") + ("| % of oracle " if oracle_col else "")
+              + "| accepted tok/step | draft nodes/step | draft share | model-forward share "
+              "| same tokens as baseline |",
+              "|---|---|---:|---:|" + "---:|" * (plain_col + oracle_col) + "---:|---:|---:|---:|---|"]
     for c in categories:
         for m in methods:
             g = by_cat[m].get(c)
@@ -60,11 +99,17 @@ def markdown(results: dict) -> str:
                   f"{_f(g['tokens_per_s_p75'], '.1f')}]"
             sp = "1.00x" if m == BASELINE else \
                 f"{_f(g['speedup_geomean'])}x [{_f(g['speedup_min'])}–{_f(g['speedup_max'])}]"
-            lines.append(f"| {c} | {m} | {tps} | {sp} | {_f(g['mean_accepted'])} "
+            extra = (f"| {_times(g.get('speedup_vs_plain_geomean'))} " if plain_col else "") + \
+                (f"| {_pct(g.get('oracle_fraction'))} " if oracle_col else "")
+            lines.append(f"| {c} | {m} | {tps} | {sp} {extra}| {_f(g['mean_accepted'])} "
                          f"| {_f(g.get('mean_tree_nodes'), '.1f')} | {_pct(g['draft_share'])} "
                          f"| {_pct(g['forward_share'])} | {equality_cell(g)} |")
     lines += ["", "Columns: tok/s = new tokens / wall time of the whole call (prefill included), per prompt; "
-              "speedup = per-prompt tok/s ratio against the baseline run of the same prompt; accepted tok/step = "
+              "speedup = per-prompt tok/s ratio against the baseline run of the same prompt; "
+              + ("vs plain = the same against our own loop without drafting (`plain`); " if plain_col else "")
+              + ("% of oracle = speedup over the best oracle's (always-right chains through our loop, "
+                 "`oracle-LN`) in the same column; " if oracle_col else "")
+              + "accepted tok/step = "
               "tokens emitted per token-emitting forward of the target (bonus token included; 1.00 = plain "
               "decoding); draft nodes/step = draft tokens verified per lookahead step (root excluded); "
               "draft share = drafting time over step time (lookahead: building the draft tree; assisted: "
@@ -97,7 +142,9 @@ def plot_speedups(path: Path, results: dict) -> None:
                 or 0.0 for c in groups]
         top = max(top, *vals)
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, vals, width, label=m)
+        # The oracle is a limit, not a rival: hatched, so the eye reads it as the ceiling.
+        style = {"hatch": "//", "alpha": 0.45} if is_oracle(m) else {}
+        bars = ax.bar(xs, vals, width, label=m, **style)
         for b, v in zip(bars, vals, strict=True):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01 * top, f"{v:.2f}", ha="center", va="bottom",
                     fontsize=6.5, rotation=90 if len(methods) > 4 else 0)

@@ -10,7 +10,13 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-BASELINE = "baseline"
+BASELINE = "baseline"  # transformers model.generate(): every speedup is over it
+PLAIN = "plain"        # our own loop without drafting
+ORACLE = "oracle"      # `oracle` / `oracle-LN`: our loop with always-right chains
+
+
+def is_oracle(method: str) -> bool:
+    return method == ORACLE or method.startswith(ORACLE + "-")
 
 
 @dataclass
@@ -124,10 +130,15 @@ def _sum_or_none(values: list[float | None]) -> float | None:
     return sum(xs) if xs else None
 
 
-def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float]) -> dict:
-    """Figures of one (method, category) group."""
+def _ratios_of(records: list[Record], ratios: dict[tuple[str, str], float]) -> list[float]:
+    return [ratios[(r.method, r.prompt_id)] for r in records if (r.method, r.prompt_id) in ratios]
+
+
+def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float],
+                    plain_ratios: dict[tuple[str, str], float] | None = None) -> dict:
+    """Figures of one (method, category) group; `plain_ratios`: per-prompt speedups over `plain`."""
     tps = [r.tokens_per_s for r in records]
-    sp = [ratios[(r.method, r.prompt_id)] for r in records if (r.method, r.prompt_id) in ratios]
+    sp = _ratios_of(records, ratios)
     new = sum(r.new_tokens for r in records)
     wall = sum(r.wall_s for r in records)
     fwd = sum(r.forward_s for r in records)
@@ -149,6 +160,7 @@ def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float])
         "speedup_geomean": geomean(sp),
         "speedup_min": min(sp) if sp else None,
         "speedup_max": max(sp) if sp else None,
+        "speedup_vs_plain_geomean": geomean(_ratios_of(records, plain_ratios)) if plain_ratios else None,
         "mean_accepted": new / steps if steps else None,
         "draft_share": draft / step_time if draft is not None and step_time else None,
         "forward_share": fwd / wall if wall else None,  # time inside the target model's forwards
@@ -166,21 +178,44 @@ def summarize_group(records: list[Record], ratios: dict[tuple[str, str], float])
 
 def summarize(records: list[Record], methods: Sequence[str], categories: Sequence[str],
               baseline: str = BASELINE) -> dict:
-    """{"by_category": {method: {category: figures}}, "overall": {method: figures}}.
+    """{"by_category": {method: {category: figures}}, "overall": {method: figures}, "best_oracle": ..}.
 
     overall.speedup_geomean is the geometric mean of the category geomeans (each category
-    weighs the same, as in Spec-Bench); overall.speedup_geomean_prompts pools all prompts.
+    weighs the same, as in Spec-Bench); overall.speedup_geomean_prompts pools all prompts;
+    speedup_vs_plain_geomean likewise, over our own no-draft loop (when `plain` ran). When an
+    oracle ran, oracle_fraction is the speedup over the best oracle's in the same column.
     """
     ratios = speedups(records, baseline)
+    plain_ratios = speedups(records, PLAIN) if PLAIN in methods else None
     by_cat: dict[str, dict[str, dict]] = {}
     overall: dict[str, dict] = {}
     for m in methods:
         mine = [r for r in records if r.method == m]
-        by_cat[m] = {c: summarize_group([r for r in mine if r.category == c], ratios)
+        by_cat[m] = {c: summarize_group([r for r in mine if r.category == c], ratios, plain_ratios)
                      for c in categories if any(r.category == c for r in mine)}
-        pooled = summarize_group(mine, ratios) if mine else {}
-        cat_means = [g["speedup_geomean"] for g in by_cat[m].values() if g["speedup_geomean"] is not None]
-        pooled["speedup_geomean_prompts"] = pooled.get("speedup_geomean")
-        pooled["speedup_geomean"] = geomean(cat_means)
+        pooled = summarize_group(mine, ratios, plain_ratios) if mine else {}
+        for key in ("speedup_geomean", "speedup_vs_plain_geomean"):
+            pooled[key + "_prompts"] = pooled.get(key)
+            pooled[key] = geomean(g[key] for g in by_cat[m].values() if g[key] is not None)
         overall[m] = pooled
-    return {"by_category": by_cat, "overall": overall}
+    best = _oracle_fractions(by_cat, overall, [m for m in methods if is_oracle(m)], categories)
+    return {"by_category": by_cat, "overall": overall, "best_oracle": best}
+
+
+def _oracle_fractions(by_cat: dict[str, dict[str, dict]], overall: dict[str, dict], oracles: list[str],
+                      categories: Sequence[str]) -> dict[str, str]:
+    """Set oracle_fraction (speedup / the best oracle's, per column) in place; {column: best oracle}.
+
+    Both speedups are over the same baseline runs, so the ratio of their geometric means is the
+    geometric mean of the per-prompt ratios method / oracle."""
+    columns = {c: {m: by_cat[m].get(c, {}) for m in by_cat} for c in categories}
+    columns["all"] = overall
+    best = {}
+    for column, groups in columns.items():
+        ran = [(groups[o]["speedup_geomean"], o) for o in oracles if groups[o].get("speedup_geomean")]
+        top, best[column] = max(ran) if ran else (None, None)
+        for g in groups.values():
+            if g:
+                sp = g.get("speedup_geomean")
+                g["oracle_fraction"] = sp / top if top and sp is not None else None
+    return best

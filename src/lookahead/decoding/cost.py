@@ -129,19 +129,28 @@ def measure_cost(model: torch.nn.Module, tokens: tuple[int, ...] = TOKENS, conte
     return CostModel(list(tokens), seconds)
 
 
-def machine_key() -> str:
-    """CPU model and instruction-set flags (what decides kernel speed), torch version and threads."""
-    cpu, flags = platform.processor(), ""
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name ('' where unknown) and its instruction-set flags that decide kernel speed."""
+    name, flags = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu.strip():
-                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
-                flags = " ".join(sorted(f for f in line.split(":", 1)[1].split()
-                                        if f.startswith(("avx", "amx", "fma", "sse4"))))
+                flags = sorted(f for f in line.split(":", 1)[1].split()
+                               if f.startswith(("avx", "amx", "fma", "sse4")))
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def machine_key() -> str:
+    """CPU model and instruction-set flags (what decides kernel speed), torch version and threads."""
+    name, cpu_flags = cpu_info()
+    cpu, flags = platform.processor(), " ".join(cpu_flags)
+    if not cpu.strip() and name:
+        cpu = name
     if torch.cuda.is_available():
         cpu += " " + torch.cuda.get_device_name()
     raw = f"{cpu}|{flags}|{torch.__version__}|t{torch.get_num_threads()}"
