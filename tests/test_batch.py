@@ -219,3 +219,27 @@ def test_a_request_can_cap_or_turn_off_its_own_drafting():
     assert 0 < outs[0].stats.draft_tokens <= 2 * outs[0].stats.steps
     assert outs[1].stats.draft_tokens == 0 and outs[1].stats.steps == 24
     assert outs[2].stats.draft_tokens > 2 * outs[2].stats.steps
+
+
+def test_chunked_prefill_is_exact_and_lets_running_rows_go_on(arch):
+    """A long prompt joining a running batch is prefilled a chunk per step: the running row keeps emitting
+    meanwhile, and both outputs equal model.generate()."""
+    model = tiny_model(arch, seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    long_prompt = (BASE * 8)[:150]
+    decoder = engine.decoder(prefill_chunk=16)
+    running = engine.request([3, 4, 9], 30)
+    decoder.add(running)
+    decoder.step()                                     # prefilled, joins
+    joining = engine.request(long_prompt, 12)
+    decoder.add(joining)
+    emitted_while_joining = []
+    while decoder.prefilling:
+        before = len(running.ids)
+        decoder.step()
+        emitted_while_joining.append(len(running.ids) - before if not running.done else 1)
+    assert len(emitted_while_joining) >= 150 // 16 and all(n >= 1 for n in emitted_while_joining)
+    while len(decoder):
+        decoder.step()
+    assert running.ids == hf_greedy(model, [3, 4, 9], 30)
+    assert joining.ids == hf_greedy(model, long_prompt, 12)

@@ -130,10 +130,13 @@ class Engine:
         return Request(ids, self.tokenizer, max_new_tokens=max_new_tokens, stops=stops, eos_ids=self.eos_ids,
                        max_positions=self.max_positions, accept=accept, draft=draft, max_draft=max_draft)
 
-    def decoder(self) -> Decoder:
-        """A decode core over this engine's model, drafting state, sizing policy and cost curve."""
+    def decoder(self, prefill_chunk: int | None = None) -> Decoder:
+        """A decode core over this engine's model, drafting state, sizing policy and cost curve.
+
+        `prefill_chunk`: prompt tokens prefilled per step for rows joining a running batch (None: whole)."""
         cfg = self.draft_config
-        return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost)
+        return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost,
+                       prefill_chunk)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,

@@ -93,11 +93,12 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_batch: int = 32, max_waiting: int = 512) -> None:
+    def __init__(self, engine, *, max_batch: int = 32, max_waiting: int = 512, prefill_chunk: int = 256) -> None:
         self.engine = engine
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.stats = SchedulerStats()
-        self.decoder = engine.decoder()
+        # A long prompt is prefilled a chunk per step, so the running streams wait one chunk, not its whole prefill.
+        self.decoder = engine.decoder(prefill_chunk=prefill_chunk)
         self.jobs: dict[int, Job] = {}         # active, by id(request)
         self.waiting: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -187,15 +188,11 @@ class Scheduler:
                 self.stats.cancelled += 1
                 continue
             request = job.request
-            self.decoder.add(request)
-            if request.error is not None:  # this request only
-                log.error("prefill failed for request %d: %r", job.id, request.error)
-                self.stats.failed += 1
-                job.emit(Event("error", status=500, message="prefill failed"))
-                continue
-            self.stats.prefill_s += request.stats.prefill_s
-            self.stats.prompt_tokens += len(request.prompt)
             self.jobs[id(request)] = job
+            self.decoder.add(request)  # prefilled over the coming steps, a chunk per step
+            self.stats.prompt_tokens += len(request.prompt)
+            if request.error is not None:  # this request only
+                self._send(job)
 
     def _step(self) -> None:
         stats = self.stats
@@ -221,7 +218,7 @@ class Scheduler:
         if request.error is not None:
             log.error("request %d failed: %r", job.id, request.error)
             self.stats.failed += 1
-            job.emit(Event("error", status=500, message="token choice failed"))
+            job.emit(Event("error", status=500, message=f"request failed: {request.error!r}"))
             job.finished = True
             del self.jobs[id(request)]
             return
@@ -233,6 +230,7 @@ class Scheduler:
         if done:
             job.finished = True
             del self.jobs[id(request)]
+            self.stats.prefill_s += request.stats.prefill_s
             self.stats.completion_tokens += len(request.ids)
             self.stats.finished += 1
             s = request.stats
