@@ -57,17 +57,20 @@ def test_bf16_divergences_are_near_ties(real_engine):
     import copy
     model = copy.deepcopy(real_engine.model).to(torch.bfloat16)
     from lookahead import Engine
-    engine = Engine(model, real_engine.tokenizer)
+    engine = Engine(model, real_engine.tokenizer, real_engine.draft_config)  # whole trees: drafts are verified
     eos = model.generation_config.eos_token_id
+    new = steps = 0
     for prompt in prompts()[12:20]:  # the copy-heavy prompts: long accepted chunks
         ids = engine.encode(prompt)
         expected = hf_greedy(model, ids, 32, pad_token_id=eos)
         out = engine.generate(prompt, max_new_tokens=32)
+        new, steps = new + out.stats.new_tokens, steps + out.stats.steps
         if out.token_ids != expected:
             k = next(i for i, (a, b) in enumerate(zip(out.token_ids + [-1], expected + [-2], strict=False)) if a != b)
             gap = top2_gap(model, ids + expected[:k])
             # bf16 has ~3 significant digits: logits of size ~20 round in steps of 0.125.
             assert gap <= 0.25, (prompt, k, gap)
+    assert new / steps > 1.5, "drafts were hardly accepted: the test would not exercise bf16 verification"
 
 
 def test_batched_greedy_equals_model_generate(real_engine):
