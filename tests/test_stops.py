@@ -74,3 +74,30 @@ def test_stop_string_matches_transformers_stop_strings(real_engine):
     assert out.token_ids == expected
     assert "Cologne" in tok.decode(expected) and "Cologne" not in out.text
     assert out.stats.mean_accepted > 1.5
+
+
+class CountingTokenizer(IdTokenizer):
+    """Counts the token ids it decodes: the work stop matching does."""
+    decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        CountingTokenizer.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_stop_matching_decodes_once_per_step_whatever_the_stops():
+    """Stop strings are matched on each step's new text: decoding work grows with the output once per step,
+    not once per token, and a huge stop string costs no more than a short one (it once stalled a server)."""
+    from lookahead import Request
+    huge = ["Q" * 999_999 + "A", "Z" * 300_000, " 999 998", "x" * 256]
+    request = Request([1, 2], CountingTokenizer(), max_new_tokens=2000, stops=huge)
+    CountingTokenizer.decoded = 0
+    chunks = [[(7 * i + j) % 90 for j in range(4)] for i in range(400)]  # 1,600 tokens in 400 steps
+    for chunk in chunks:
+        assert request.append(chunk) == 4
+        request.text(final=False)                    # what a stream asks after every step
+    steps, tokens = len(chunks), len(request.ids)
+    assert request.finish_reason == "length" and tokens == 1600
+    assert CountingTokenizer.decoded <= steps * tokens  # one decode of the output per step (O(n) each)
+    request.append([999, 998])                        # completes " 999 998": found within the step
+    assert request.finish_reason == "stop" and " 999 998" not in request.text() and request.ids[-1] == 998
