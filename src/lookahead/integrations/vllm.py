@@ -13,8 +13,9 @@ vLLM builds the class in its worker process, so settings come from the environme
   LOOKAHEAD_VLLM_MAX_BYTES  byte cap of the shared trie (estimated; default none)
   LOOKAHEAD_VLLM_MAX_NODES  draft tree nodes the chain is picked from (default 12)
   LOOKAHEAD_VLLM_SIZING     measured (default: chain length that pays) or fixed (always the longest chain)
-  LOOKAHEAD_VLLM_METRICS    file the counters are written to, Prometheus text format (every 64 steps
-                            and at exit), e.g. for node-exporter's textfile collector
+  LOOKAHEAD_VLLM_METRICS    file the counters are written to, Prometheus text format (every
+                            LOOKAHEAD_VLLM_METRICS_EVERY steps, default 64, and at exit), e.g. for
+                            node-exporter's textfile collector
 This module imports vLLM only for type checking: the proposer needs nothing from it at run time.
 """
 from __future__ import annotations
@@ -32,7 +33,6 @@ from .rows import Row, RowProposer
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-METRICS_EVERY = 64  # steps between metrics file writes
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -55,6 +55,7 @@ class LookaheadProposer:
         self.core = RowProposer(max_draft=self.k, **options)
         path = os.environ.get("LOOKAHEAD_VLLM_METRICS")
         self.metrics_path = Path(path) if path else None
+        self.metrics_every = max(1, _env_int("LOOKAHEAD_VLLM_METRICS_EVERY", 64))
         if self.metrics_path:
             atexit.register(self.write_metrics)
 
@@ -74,7 +75,7 @@ class LookaheadProposer:
             room = self.max_model_len - int(num_tokens_no_spec[i]) - 1
             if len(chain) > room:
                 chains[i] = chain[:max(room, 0)]
-        if self.metrics_path and self.core.steps % METRICS_EVERY == 0:
+        if self.metrics_path and self.core.steps % self.metrics_every == 0:
             self.write_metrics()
         return chains
 
