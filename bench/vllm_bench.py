@@ -7,7 +7,7 @@ Run in the vLLM environment (`bash install.sh vllm`; suffix decoding also needs 
 The prompts are `lookahead bench`'s (test split, same categories). Every method has its own engine,
 all alive at once; each prompt (concurrency 1) and each batch (concurrency 8) runs on every method in
 turn, the order rotating, so machine drift hits all methods alike. Greedy, so each method's tokens are
-compared with no speculation's. Acceptance comes from vLLM's own counters: a request-step emits one
+compared with no speculation's. Each engine runs in a process of its own. Acceptance comes from vLLM's own counters: a request-step emits one
 token of the model's own plus the accepted drafts, so tokens/step = generated / (generated - accepted).
 """
 from __future__ import annotations
@@ -176,6 +176,25 @@ def plot(path: Path, results: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
+def serve_method(conn, model: str, spec: dict | None) -> None:
+    """One method's engine in a process of its own: vLLM's metric registry is per process, and a second
+    LLM in one process would take it over from the first."""
+    from vllm import LLM
+
+    try:
+        llm = LLM(model=model, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=512 << 20,
+                  max_model_len=4096, seed=0, disable_log_stats=False, speculative_config=spec)
+        run(llm, [[{"role": "user", "content": "Say hello."}]], 8)  # warm-up, not timed
+        conn.send(("ready", None))
+    except Exception as e:  # e.g. suffix decoding without arctic-inference: recorded, the rest runs
+        conn.send(("failed", f"{type(e).__name__}: {e}"[:300]))
+        return
+    while (job := conn.recv()) is not None:
+        conn.send(run(llm, *job))
+    llm.llm_engine.engine_core.shutdown()
+    conn.send("bye")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -186,8 +205,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    import multiprocessing
+
     import vllm
-    from vllm import LLM
 
     from lookahead.benchmark.datasets import load_prompts
 
@@ -199,16 +219,19 @@ def main() -> None:
     os.environ.update({"LOOKAHEAD_VLLM_METRICS": str(metrics_file.resolve()), "LOOKAHEAD_VLLM_METRICS_EVERY": "16"})
     load = [os.getloadavg()[0]]
 
+    ctx = multiprocessing.get_context("spawn")
     engines, failed = {}, {}
-    for name in args.methods.split(","):
-        try:
-            engines[name] = LLM(model=str(model), dtype="float32", enforce_eager=True,
-                                kv_cache_memory_bytes=512 << 20, max_model_len=4096, seed=0,
-                                disable_log_stats=False, speculative_config=METHODS[name])
-            run(engines[name], [[{"role": "user", "content": "Say hello."}]], 8)  # warm-up, not timed
-        except Exception as e:  # e.g. suffix decoding without arctic-inference: record it, run the rest
-            failed[name] = f"{type(e).__name__}: {e}"[:300]
-            print(f"[bench] {name} failed: {failed[name]}", flush=True)
+    for name in args.methods.split(","):  # one at a time: engine start-up is CPU-heavy
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=serve_method, args=(child, str(model), METHODS[name]))
+        process.start()
+        status, detail = parent.recv()
+        if status == "ready":
+            engines[name] = (process, parent)
+        else:
+            failed[name] = detail
+            process.join()
+            print(f"[bench] {name} failed: {detail}", flush=True)
     methods = list(engines)
     records = []
     turn = 0
@@ -218,22 +241,25 @@ def main() -> None:
             order = methods[turn % len(methods):] + methods[:turn % len(methods)]
             turn += 1
             for m in order:
+                _, conn = engines[m]
                 if kind == "one":
                     category, p = prompts[i]
-                    r = run(engines[m], [p.messages], args.max_new_tokens)
+                    conn.send(([p.messages], args.max_new_tokens))
+                    r = conn.recv()
                     r.update(method=m, concurrency=1, category=category, prompt=p.id, repeat=repeat)
                 else:
-                    batch = [p.messages for _, p in prompts][:8]
-                    r = run(engines[m], batch, args.max_new_tokens)
+                    conn.send(([p.messages for _, p in prompts][:8], args.max_new_tokens))
+                    r = conn.recv()
                     r.update(method=m, concurrency=8, category="all", prompt="batch", repeat=repeat)
                 records.append(r)
                 print(f"[bench] r{repeat} {m:12s} c={r['concurrency']} {r['category']:8s} "
                       f"{r['tokens_per_s']:6.1f} tok/s {r['tokens_per_step']:.2f} tok/step", flush=True)
     load.append(os.getloadavg()[0])
     (out / "records.json").write_text(json.dumps(records))  # raw, in case the report below fails
-    for llm in engines.values():
-        llm.llm_engine.engine_core.shutdown()
-    time.sleep(2)
+    for process, conn in engines.values():
+        conn.send(None)
+        conn.recv()
+        process.join(timeout=60)
     results = {"meta": {"model": args.model, "dtype": "float32", "vllm": vllm.__version__, "cpu": cpu_description(),
                         "command": "python bench/vllm_bench.py " + " ".join(
                             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),

@@ -50,8 +50,11 @@ def reference(model_dir):
 
 
 @pytest.fixture(scope="session")
-def lookahead_llm(model_dir, metrics_file):
-    """vLLM with our proposer; its worker inherits these settings through the environment."""
+def lookahead_llm(model_dir, metrics_file, reference):
+    """vLLM with our proposer; its worker inherits these settings through the environment.
+
+    Built after `reference` on purpose: vLLM's Prometheus registry is per process and the engine built
+    last owns it, so `counters()` reads this engine's acceptance."""
     os.environ.update({"LOOKAHEAD_VLLM_METRICS": str(metrics_file), "LOOKAHEAD_VLLM_METRICS_EVERY": "1",
                        "LOOKAHEAD_VLLM_CAPACITY": str(TRIE_CAPACITY)})
     llm = make_llm(model_dir, {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 8})
