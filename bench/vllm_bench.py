@@ -27,7 +27,8 @@ METHODS: dict[str, dict | None] = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 5},
     "ngram-tuned": {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
     "suffix": {"method": "suffix"},
-    "lookahead": {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 8},
+    # Drafts up to 12 deep, as the engine's default depth: the chain length itself is chosen per step.
+    "lookahead": {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 12},
 }
 CATEGORIES = ("code", "chat", "summary", "qa")
 
@@ -83,9 +84,9 @@ def geomean(values: list[float]) -> float | None:
 
 def summarize(records: list[dict], methods: list[str]) -> dict:
     """Per method: concurrency-1 speedup per category (geomean of per-prompt ratios to `none`), and
-    concurrency-8 throughput ratio (median over repeats); tokens/step; same tokens as `none`."""
-    base = {(r["prompt"], r["repeat"]): r for r in records if r["method"] == "none" and r["concurrency"] == 1}
-    base8 = {r["repeat"]: r for r in records if r["method"] == "none" and r["concurrency"] == 8}
+    concurrency-8 throughput ratio (geomean over batches); tokens/step; same tokens as `none`."""
+    base = {r["prompt"]: r for r in records if r["method"] == "none" and r["concurrency"] == 1}
+    base8 = {r["prompt"]: r for r in records if r["method"] == "none" and r["concurrency"] == 8}
     out = {}
     for m in methods:
         mine = [r for r in records if r["method"] == m]
@@ -94,22 +95,23 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
             rs = [r for r in mine if r["concurrency"] == 1 and r["category"] == c]
             if not rs:
                 continue
-            ratios = [r["tokens_per_s"] / base[(r["prompt"], r["repeat"])]["tokens_per_s"] for r in rs]
+            ratios = [r["tokens_per_s"] / base[r["prompt"]]["tokens_per_s"] for r in rs]
             row["concurrency_1"][c] = {"speedup": geomean(ratios),
                                        "tokens_per_s": sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2],
                                        "tokens_per_step": sum(r["tokens"] for r in rs) /
                                        sum(r["tokens"] / r["tokens_per_step"] for r in rs)}
         ones = [r for r in mine if r["concurrency"] == 1]
-        row["concurrency_1_all"] = geomean([r["tokens_per_s"] / base[(r["prompt"], r["repeat"])]["tokens_per_s"]
+        row["concurrency_1_all"] = geomean([r["tokens_per_s"] / base[r["prompt"]]["tokens_per_s"]
                                             for r in ones])
         eights = [r for r in mine if r["concurrency"] == 8]
-        ratios8 = sorted(r["tokens_per_s"] / base8[r["repeat"]]["tokens_per_s"] for r in eights)
-        row["concurrency_8"] = {"speedup": ratios8[len(ratios8) // 2] if ratios8 else None,
+        ratios8 = [r["tokens_per_s"] / base8[r["prompt"]]["tokens_per_s"] for r in eights]
+        row["concurrency_8"] = {"speedup": geomean(ratios8),
                                 "tokens_per_s": sorted(r["tokens_per_s"] for r in eights)[len(eights) // 2]
                                 if eights else None,
-                                "tokens_per_step": eights[0]["tokens_per_step"] if eights else None}
+                                "tokens_per_step": sum(r["tokens"] for r in eights) /
+                                sum(r["tokens"] / r["tokens_per_step"] for r in eights) if eights else None}
         for r in mine:
-            reference = base[(r["prompt"], r["repeat"])] if r["concurrency"] == 1 else base8[r["repeat"]]
+            reference = base[r["prompt"]] if r["concurrency"] == 1 else base8[r["prompt"]]
             for a, b in zip(r["token_ids"], reference["token_ids"], strict=True):
                 row["same_tokens"][0] += a == b
                 row["same_tokens"][1] += 1
@@ -124,10 +126,10 @@ def markdown(results: dict) -> str:
              f"`{meta['command']}`", "",
              f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {', '.join(cpu['flags'])}. "
              f"1-min load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} at the end. "
-             f"{meta['prompts']} prompts ({meta['limit']} per category, test split), {meta['max_new_tokens']} new tokens, "
-             f"{meta['repeats']} repeats; vLLM in eager mode (`enforce_eager`), {meta['threads']}.", "",
+             f"concurrency 1: {meta['prompts']} prompts ({meta['limit']} per category, test split), {meta['max_new_tokens']} new tokens, "
+             f"concurrency 8: {meta['batches']} batches of 8 other prompts (2 per category); each prompt runs once per method; vLLM in eager mode (`enforce_eager`), {meta['threads']}.", "",
              "Speedup over vLLM without speculation (concurrency 1: geometric mean of per-prompt tokens/s ratios; "
-             "concurrency 8: the 8 prompts as one batch, median ratio over repeats):", "",
+             "concurrency 8: each batch of 8 submitted at once, geometric mean over batches):", "",
              "| method | " + " | ".join(CATEGORIES) + " | all (c=1) | c=8 | tokens/step (c=1 per category) | same tokens |",
              "|---|" + "---:|" * (len(CATEGORIES) + 3) + "---|"]
     for m, row in summary.items():
@@ -198,9 +200,9 @@ def serve_method(conn, model: str, spec: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=2, help="prompts per category")
+    parser.add_argument("--limit", type=int, default=3, help="prompts per category at concurrency 1")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=2, help="batches of 8 (2 per category) at concurrency 8")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -212,7 +214,12 @@ def main() -> None:
     from lookahead.benchmark.datasets import load_prompts
 
     model = exported_model(args.model)
-    prompts = [(c, p) for c in CATEGORIES for p in load_prompts(c, "test", args.limit)]
+    # Every prompt is run once per method, and the batches use prompts of their own: the shared trie and
+    # suffix decoding's tree remember earlier answers, so a repeated prompt would measure a replay.
+    per_category = {c: load_prompts(c, "test", args.limit + 2 * args.batches) for c in CATEGORIES}
+    prompts = [(c, p) for c in CATEGORIES for p in per_category[c][:args.limit]]
+    batches = [[p for c in CATEGORIES for p in per_category[c][args.limit + 2 * b:args.limit + 2 * b + 2]]
+               for b in range(args.batches)]
     out = Path(args.out or f"bench/results/vllm-{args.model}-float32")
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "proposer_metrics.prom"
@@ -234,26 +241,23 @@ def main() -> None:
             print(f"[bench] {name} failed: {detail}", flush=True)
     methods = list(engines)
     records = []
-    turn = 0
-    for repeat in range(args.repeats):
-        jobs = [("one", i) for i in range(len(prompts))] + [("batch", None)]
-        for kind, i in jobs:
-            order = methods[turn % len(methods):] + methods[:turn % len(methods)]
-            turn += 1
-            for m in order:
-                _, conn = engines[m]
-                if kind == "one":
-                    category, p = prompts[i]
-                    conn.send(([p.messages], args.max_new_tokens))
-                    r = conn.recv()
-                    r.update(method=m, concurrency=1, category=category, prompt=p.id, repeat=repeat)
-                else:
-                    conn.send(([p.messages for _, p in prompts][:8], args.max_new_tokens))
-                    r = conn.recv()
-                    r.update(method=m, concurrency=8, category="all", prompt="batch", repeat=repeat)
-                records.append(r)
-                print(f"[bench] r{repeat} {m:12s} c={r['concurrency']} {r['category']:8s} "
-                      f"{r['tokens_per_s']:6.1f} tok/s {r['tokens_per_step']:.2f} tok/step", flush=True)
+    jobs = [("one", i) for i in range(len(prompts))] + [("batch", b) for b in range(len(batches))]
+    for turn, (kind, i) in enumerate(jobs):
+        order = methods[turn % len(methods):] + methods[:turn % len(methods)]
+        for m in order:
+            _, conn = engines[m]
+            if kind == "one":
+                category, p = prompts[i]
+                conn.send(([p.messages], args.max_new_tokens))
+                r = conn.recv()
+                r.update(method=m, concurrency=1, category=category, prompt=p.id)
+            else:
+                conn.send(([p.messages for p in batches[i]], args.max_new_tokens))
+                r = conn.recv()
+                r.update(method=m, concurrency=8, category="all", prompt=f"batch{i}")
+            records.append(r)
+            print(f"[bench] {m:12s} c={r['concurrency']} {r['category']:8s} {r['prompt']:>12s} "
+                  f"{r['tokens_per_s']:6.1f} tok/s {r['tokens_per_step']:.2f} tok/step", flush=True)
     load.append(os.getloadavg()[0])
     (out / "records.json").write_text(json.dumps(records))  # raw, in case the report below fails
     for process, conn in engines.values():
@@ -264,7 +268,7 @@ def main() -> None:
                         "command": "python bench/vllm_bench.py " + " ".join(
                             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
                         "prompts": len(prompts), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                        "repeats": args.repeats, "methods": methods, "failed": failed, "load_average": load,
+                        "batches": args.batches, "methods": methods, "failed": failed, "load_average": load,
                         "threads": "vLLM's CPU worker default (1 torch thread on this 2-core machine)",
                         "specs": {m: METHODS[m] for m in methods},
                         "proposer_metrics": metrics_file.read_text() if metrics_file.is_file() else None},
