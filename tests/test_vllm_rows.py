@@ -119,11 +119,16 @@ def test_no_draft_where_it_would_not_pay_but_probes_now_and_then():
     assert 0 < max(lengths) <= PROBE_NODES
 
 
-def test_step_cost_is_fitted_from_timed_steps():
+def test_step_cost_is_fitted_from_timed_steps_per_batch_size():
     proposer = RowProposer(max_draft=4)
-    for tokens in [1, 5, 9] * 10:
-        proposer.cost.observe(tokens, 0.010 + 0.001 * tokens)
-    assert proposer.cost.ratio == pytest.approx(0.1, rel=0.01)
+    assert proposer.cost.ratio(1) == proposer.cost.prior  # nothing timed yet
+    for tokens in [1, 5, 9] * 10:  # one row: a few tokens barely cost more than one
+        proposer.cost.observe(tokens, 0.010 + 0.001 * tokens, rows=1)
+    assert proposer.cost.ratio(3) == pytest.approx(0.1, rel=0.01)  # batch size never seen: the fit over all steps
+    for tokens in [8, 40, 72] * 10:  # eight rows: dozens of tokens cost compute
+        proposer.cost.observe(tokens, 0.010 + 0.004 * tokens, rows=8)
+    assert proposer.cost.ratio(1) == pytest.approx(0.1, rel=0.01)
+    assert proposer.cost.ratio(8) == pytest.approx(0.4, rel=0.01)
 
 
 def test_shared_trie_stays_under_its_byte_bound():

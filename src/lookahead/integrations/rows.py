@@ -46,35 +46,45 @@ class Row:
 
 
 class StepCost:
-    """Step time as a line in the number of tokens the engine ran, fitted online.
+    """Step time as a line in the number of tokens the engine ran, fitted online per batch size.
 
-    The engine's step over all rows costs about a + b * tokens; what matters for sizing is b / a,
-    the price of one more verified token relative to the fixed cost of a step. Until the samples
-    spread enough to fit, `prior` is used (b / a)."""
+    The engine's step costs about a + b * tokens; what matters for sizing is b / a, the price of one
+    more verified token relative to the fixed cost of a step. The line is not the same at every batch
+    size (a few tokens read the weights once whatever their number; dozens start to cost compute), so
+    it is fitted on the steps that ran as many rows as the current one, falling back to all steps,
+    then to `prior`, while those do not spread enough to fit."""
 
     def __init__(self, prior: float = 0.02, window: int = 512, min_samples: int = 16) -> None:
-        self.prior, self.min_samples = prior, min_samples
+        self.prior, self.window, self.min_samples = prior, window, min_samples
         self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.by_rows: dict[int, deque[tuple[float, float]]] = {}
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, rows: int = 1) -> None:
         if tokens > 0 and seconds > 0:
             self.samples.append((float(tokens), seconds))
+            self.by_rows.setdefault(rows, deque(maxlen=self.window)).append((float(tokens), seconds))
 
-    @property
-    def ratio(self) -> float:
-        """b / a: cost of one more token, in steps."""
-        if len(self.samples) < self.min_samples:
-            return self.prior
-        x, y = np.array(self.samples).T
-        if x.std() < 0.5:  # no spread in step sizes yet: the slope is not identifiable
-            return self.prior
+    def ratio(self, rows: int | None = None) -> float:
+        """b / a: cost of one more token, in steps, for a batch of `rows` rows (None: all steps)."""
+        for samples in (self.by_rows.get(rows, ()), self.samples):
+            fitted = self._fit(samples)
+            if fitted is not None:
+                return fitted
+        return self.prior
+
+    def _fit(self, samples) -> float | None:
+        if len(samples) < self.min_samples:
+            return None
+        x, y = np.array(samples).T
+        if x.std() < 0.5:  # no spread in step sizes: the slope is not identifiable
+            return None
         b = max(float(np.cov(x, y, bias=True)[0, 1] / x.var()), 0.0)
         a = float(y.mean() - b * x.mean())
-        return b / a if a > 0 else self.prior
+        return b / a if a > 0 else None
 
-    def model(self) -> CostModel:
+    def model(self, rows: int | None = None) -> CostModel:
         """t(k) relative to t(1), for `best_size`."""
-        r = self.ratio
+        r = self.ratio(rows)
         return CostModel([1, 2], [1.0 + r, 1.0 + 2 * r])
 
 
@@ -117,10 +127,10 @@ class RowProposer:
         found: list[_Request | None] = [self._find(i, row, previous, claimed) for i, row in enumerate(rows)]
         steady = all(r is not None or row.sampled == 0 for r, row in zip(found, rows, strict=True)) and \
             len(claimed) == len(previous) and all(row.sampled for row in rows)
-        if steady and self._last is not None:  # same rows as the step just timed: a clean sample
-            self.cost.observe(self._last[1], start - self._last[0])
         decoding = sum(1 for row in rows if row.sampled)
-        cost = self.cost.model()
+        if steady and self._last is not None:  # same rows as the step just timed: a clean sample
+            self.cost.observe(self._last[1], start - self._last[0], decoding)
+        cost = self.cost.model(decoding)
         chains, current, scheduled = [], [], 0
         for row, request in zip(rows, found, strict=True):
             if row.sampled == 0:  # not decoding yet (or paused): keep what it has, draft nothing
@@ -204,7 +214,7 @@ class RowProposer:
         out = {"steps": self.steps, "rows_drafted": self.rows_drafted, "draft_tokens": self.draft_tokens,
                "accepted_tokens": self.accepted_tokens, "live_requests": len(self.requests),
                "trie_nodes": self.trie_nodes, "trie_bytes_estimate": self.trie_nodes * NODE_BYTES,
-               "trie_capacity_nodes": self.state.trie.capacity, "step_cost_ratio": self.cost.ratio}
+               "trie_capacity_nodes": self.state.trie.capacity, "step_cost_ratio": self.cost.ratio(len(self.requests))}
         for name, stats in self.state.stats.items():
             out[f"source_proposed{{source={name}}}"] = stats.proposed
             out[f"source_accepted{{source={name}}}"] = stats.accepted
