@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .benchmark.cli import add_parser as add_bench_command
+from .export import add_parser as add_export_command
 from .server.cli import add_parser as add_server_commands
 
 DEMO_PROMPT = ("Rewrite this list as a markdown table with columns Name, Role and City:\n"
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     add_server_commands(sub)  # serve, warm
     add_bench_command(sub)  # bench
+    add_export_command(sub)  # export
     return parser
 
 

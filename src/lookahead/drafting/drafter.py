@@ -48,6 +48,21 @@ class Drafter:
         tree.expected = [1.0] + [state.calibration(s) for s in scored.scores[1:]]
         return tree
 
+    def narrow(self, nodes: list[int]) -> DraftTree:
+        """Keep only `nodes` of the last proposal (root first, each after its parent) and return that tree.
+
+        For verifiers that check less than the tree, e.g. vLLM, which verifies one chain per row:
+        `observe` must then judge only what was verified, or the unverified siblings would be
+        learned as rejections."""
+        last = self.last
+        if last is None or not nodes or nodes[0] != 0:
+            raise ValueError("narrow() needs a proposal and node lists starting at the root (0)")
+        index = {node: i for i, node in enumerate(nodes)}
+        parents = [-1] + [index[last.tree.parents[node]] for node in nodes[1:]]
+        tree = DraftTree([last.tree.tokens[n] for n in nodes], parents)
+        self.last = ScoredTree(tree, [last.scores[n] for n in nodes], [last.proposals[n] for n in nodes])
+        return tree
+
     def observe(self, tokens: list[int], tree: DraftTree | None = None, logits: torch.Tensor | None = None,
                 nodes: list[int] | None = None) -> None:
         """Feed back a step: accepted tokens, and (when given) the verified tree, its logits, accepted nodes."""

@@ -1,0 +1,1 @@
+"""Adapters that run lookahead's drafting inside other serving engines (optional dependencies)."""
