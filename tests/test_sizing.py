@@ -62,6 +62,9 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.05)
     saved = json.loads(path.read_text())
     assert saved["seconds"][-1] > 0.03                # written back (once it drifted past 1.5x): the next run starts right
+    for _ in range(60):                               # a loaded spell slows one-token forwards only:
+        poisoned.observe(1, 0.200)
+    assert poisoned.seconds == sorted(poisoned.seconds)  # the curve never says more tokens cost less
 
 
 def slow_forward(model, base_s: float, per_token_s: float = 0.0, per_token2_s: float = 0.0):
@@ -166,3 +169,19 @@ def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_pa
         CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))   # as measured on an earlier run
     model, reason = _cpu_dtype(model)
     assert next(model.parameters()).dtype == chosen and "measured with drafting" in reason
+
+
+def test_the_guard_turns_drafting_back_on_when_a_trial_wins():
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+    for _ in range(4):                       # chat: drafted steps slower per token than plain ones
+        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    assert policy.drafting_loses(1)
+    kinds = []
+    while "trial" not in kinds:
+        plan = policy.plan(1)
+        kinds.append("trial" if plan is None and policy.trial else plan.kind if plan else "draft")
+    assert kinds.count("off") >= 1
+    policy.observe(Choice(8, "sized"), 1, 6, 5, 0.015)   # a copy: 6 tokens in 15 ms beats 10 ms per token
+    assert not policy.drafting_loses(1)

@@ -62,7 +62,8 @@ class DraftConfig:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, draft_config: DraftConfig | None = None,
-                 state: DraftState | None = None, cost: CostModel | None = None) -> None:
+                 state: DraftState | None = None, cost: CostModel | None = None,
+                 sizing: SizingPolicy | None = None) -> None:
         check_supported(model)  # refuse unsupported models now, not at the first request
         self.model, self.tokenizer = model, tokenizer
         self.draft_config = cfg = draft_config or DraftConfig()
@@ -74,8 +75,9 @@ class Engine:
             size = sum(p.numel() for p in model.parameters())
             cost = load_cost(model, f"{self.model_id}-{size}") if self.model_id else measure_cost(model, context=64)
         self.cost = cost if cfg.sizing == "measured" else None
-        # One policy for every request of this engine: what it learns about the machine is shared.
-        self.sizing = SizingPolicy(self.cost, guard=cfg.sizing == "measured")
+        # One policy for every request of this engine (pass one to share it between engines on one
+        # model): what it learns about the machine, e.g. that drafting loses here, is kept.
+        self.sizing = sizing or SizingPolicy(self.cost, guard=cfg.sizing == "measured")
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

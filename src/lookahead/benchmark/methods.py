@@ -126,6 +126,7 @@ class Context:
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
     oracle: OracleState = field(default_factory=OracleState)  # the plain answers, shared by every oracle-LN
     _engines: dict = field(default_factory=dict)
+    _sizings: dict = field(default_factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -147,7 +148,11 @@ class Context:
         if spec.warm:
             for tail, answer in self.warm_corpus:
                 trie.insert(list(tail[-cfg.max_match:]) + list(answer))
-        engine = Engine(self.engine.model, self.engine.tokenizer, cfg, cost=self.engine.cost)
+        # Cold means a fresh drafting state; what the engine learned about the machine (cost curve, the
+        # sizing policy's never-slower guard) is kept per method, as a long-running engine keeps it.
+        engine = Engine(self.engine.model, self.engine.tokenizer, cfg, cost=self.engine.cost,
+                        sizing=self._sizings.get(spec.name))
+        self._sizings[spec.name] = engine.sizing
         engine.state.trie = trie
         if self.trie_scope == "run":
             self._engines[spec.name] = engine

@@ -79,6 +79,12 @@ class CostModel:
         self.counts[i] += 1
         weight = max(self.smoothing, 1.0 / (self.counts[i] + 4))  # the measurement counts as 4 observations
         self.seconds[i] += weight * (target - self.seconds[i])
+        # A forward over more tokens never costs less: keep the curve non-decreasing around the moved point
+        # (points corrected at different moments of a machine's load must not make drafting look free).
+        for j in range(i + 1, len(self.seconds)):
+            self.seconds[j] = max(self.seconds[j], self.seconds[i])
+        for j in range(i - 1, -1, -1):
+            self.seconds[j] = min(self.seconds[j], self.seconds[i])
         self.drift = max(self.drift, abs(math.log(self.seconds[i] / self._loaded[i])))
         if self.path is not None and self.drift > math.log(1.5) and self.counts[i] >= 20:
             self.save(self.path)  # the cached curve was off by more than 1.5x: heal it

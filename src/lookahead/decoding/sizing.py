@@ -17,7 +17,7 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
 - a guard on realised speed: now and then a drafting step is run plain, and the measured time per
   emitted token of drafted and plain steps (per batch-size class) are compared. Where drafted steps
   are slower, drafting is switched off; a drafted trial step now and then (the wait doubling after
-  each trial that still loses) lets it come back when the text changes.
+  each trial that still loses) turns it back on at once when the text changes (a copy after chat).
 """
 from __future__ import annotations
 
@@ -124,9 +124,15 @@ class SizingPolicy:
         if self.guard and seconds > 0 and rows:
             drafted = choice.kind in ("sized", "fixed")  # the drafting engine's steps, paid-off or not
             self.speeds.setdefault((self.batch_class(rows), drafted), _Speed()).add(seconds, emitted / rows)
-            if self.trial:  # still losing: wait twice as long for the next trial
-                lost = self.drafting_loses(rows)
-                self.trial_every = min(2 * self.trial_every, PROBE_MAX) if lost else PROBE_EVERY
+            if self.trial:
+                plain = self.speeds.get((self.batch_class(rows), False))
+                per_token = seconds / max(emitted / rows, 1e-9)
+                if drafted and plain and per_token * (1 - GUARD_MARGIN) < plain.per_token:
+                    # The text became predictable (e.g. a copy after chat): drafting wins now, back on at once.
+                    self.speeds[(self.batch_class(rows), True)] = _Speed(GUARD_MIN, per_token)
+                    self.trial_every = PROBE_EVERY
+                else:  # still losing: wait twice as long for the next trial
+                    self.trial_every = min(2 * self.trial_every, PROBE_MAX)
 
 
 def best_cut(trees: list[DraftTree], cost: CostModel) -> int:
