@@ -269,8 +269,10 @@ def test_special_token_text_in_a_message_is_encoded_as_text(server):
     assert reply["usage"]["prompt_tokens"] == len(ids)
     assert reply["choices"][0]["message"]["content"] == server.engine.generate(ids, max_new_tokens=5,
                                                                                draft=False).text
-    forged_turns = server.engine.encode(messages)  # what a whole-text tokenization makes of it
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    forged_turns = tokenizer(text, add_special_tokens=False).input_ids  # what a whole-text tokenization makes of it
     assert len(forged_turns) != len(ids)
+    assert server.engine.encode(messages) == ids  # the Python API encodes contents as text too
 
 
 # -- 9: bounded body reading ---------------------------------------------------------------------------------
