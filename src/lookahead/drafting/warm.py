@@ -144,8 +144,9 @@ def warm(corpus: str | os.PathLike, out: str | os.PathLike | None, tokenizer, tr
                          f"'prompt' + one of {ANSWER_KEYS}, or 'text')")
     if out is not None:  # a draft-state file holding only the trie: the server loads it with --trie
         from .state import DraftState
-        name = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
-        DraftState(trie, sources=("prompt", "history")).save(out, model=name)
+        # Only a tokenizer was read here, not the model: no model name is recorded (token ids are still
+        # checked against the serving model's vocabulary when the file is loaded).
+        DraftState(trie, sources=("prompt", "history")).save(out)
     if log:
         log(report.summary())
     return report
