@@ -130,7 +130,8 @@ def test_generate_batch_keeps_input_order_and_reports_per_request_stats(capsys):
 
 
 def run_all(engine: Engine, jobs: list[tuple], **scheduler_args) -> tuple[list, Scheduler]:
-    """Submit every (prompt, max_tokens[, sampling]) before the decode thread starts; wait for all; return the requests."""
+    """Submit every (prompt, max_tokens[, sampling]) before the decode thread starts; wait for all;
+    return the requests."""
     scheduler = Scheduler(engine, **scheduler_args)
     done = threading.Semaphore(0)
     events: list[list[Event]] = []

@@ -6,8 +6,8 @@ import torch
 
 from conftest import FIXED, IdTokenizer, tiny_model
 from lookahead import DraftTree, Engine, SamplingParams
-from lookahead.decoding.sampling import PresenceFrequencyPenalty, Sampler
 from lookahead.decoding.accept import accept_walk
+from lookahead.decoding.sampling import PresenceFrequencyPenalty, Sampler
 
 PROMPT = [5, 9, 12, 7, 30, 5, 9, 12, 7, 30, 5, 9]
 VOCAB = 96

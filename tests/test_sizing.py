@@ -61,7 +61,8 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
         poisoned.observe(1, 0.010)
     assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.05)
     saved = json.loads(path.read_text())
-    assert saved["seconds"][-1] > 0.03                # written back (once it drifted past 1.5x): the next run starts right
+    # Written back (once it drifted past 1.5x): the next run starts right.
+    assert saved["seconds"][-1] > 0.03
     for _ in range(60):                               # a loaded spell slows one-token forwards only:
         poisoned.observe(1, 0.200)
     assert poisoned.seconds == sorted(poisoned.seconds)  # the curve never says more tokens cost less
@@ -149,7 +150,7 @@ def test_sizing_policy_without_a_curve_verifies_whole_trees():
 def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     from lookahead.engine import _cpu_dtype
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    model, reason = _cpu_dtype(tiny_model("llama"))
+    model, reason, _ = _cpu_dtype(tiny_model("llama"))
     assert next(model.parameters()).dtype == torch.float32 and "no native bf16" in reason
 
 
@@ -159,16 +160,17 @@ def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch):
 ])
 def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_path, bf16_seconds, chosen):
     from lookahead.decoding.cost import cost_path
-    from lookahead.engine import _cpu_dtype, _model_id
+    from lookahead.engine import _cost_key, _cpu_dtype
     monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     model = tiny_model("llama")
-    key = f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
+    key = _cost_key(model)
     tokens = [1, 2, 4, 8, 16]
     for dtype, seconds in ((torch.float32, [0.012, 0.016, 0.018, 0.02, 0.03]), (torch.bfloat16, bf16_seconds)):
         CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))   # as measured on an earlier run
-    model, reason = _cpu_dtype(model)
+    model, reason, cost = _cpu_dtype(model)
     assert next(model.parameters()).dtype == chosen and "measured with drafting" in reason
+    assert cost.path == cost_path(key, chosen, "cpu")  # the engine gets the chosen dtype's curve
 
 
 def test_the_guard_turns_drafting_back_on_when_a_trial_wins():

@@ -40,7 +40,8 @@ def test_feeding_in_pieces_counts_like_feeding_whole():
     for chunk in ([1, 2], [3, 1, 2, 3], [4], [1, 2]):
         feeder.feed(chunk)
     assert len(whole) == len(pieces)
-    assert propose(whole.session([1]), [1], Budget(8, 4)).tokens == propose(pieces.session([1]), [1], Budget(8, 4)).tokens
+    budget = Budget(8, 4)
+    assert propose(whole.session([1]), [1], budget).tokens == propose(pieces.session([1]), [1], budget).tokens
 
 
 def test_retrieval_is_best_first_by_frequency():

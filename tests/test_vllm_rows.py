@@ -37,7 +37,8 @@ class FakeEngine:
         for i, chain in zip(order, chains, strict=True):
             target, done = self.targets[i], self.done[i]
             accepted = 0
-            while accepted < len(chain) and done + accepted < len(target) and chain[accepted] == target[done + accepted]:
+            while (accepted < len(chain) and done + accepted < len(target)
+                   and chain[accepted] == target[done + accepted]):
                 accepted += 1
             new = target[done:done + accepted + 1]
             self.seqs[i] += new
@@ -138,7 +139,7 @@ def test_shared_trie_stays_under_its_byte_bound():
     rnd = random.Random(0)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for r in range(40):  # 40 requests of random text: far more n-grams than the bound holds
+    for _ in range(40):  # 40 requests of random text: far more n-grams than the bound holds
         seq = [rnd.randrange(30_000) for _ in range(8)]
         for _ in range(60):
             chains = proposer.propose([Row(np.array(seq), 1)])

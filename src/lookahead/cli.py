@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-draft", action="store_true", help="plain decoding, for comparison")
     gen.add_argument("--compare", action="store_true", help="run without and with drafts, report the speedup")
     gen.add_argument("--input", default=None, metavar="JSONL", help="batch mode: one request per line "
-                     "({'prompt' or 'messages', optional 'id', 'max_tokens', 'stop'}), decoded with continuous batching")
+                     "({'prompt' or 'messages', optional 'id', 'max_tokens', 'stop'}), decoded with continuous "
+                     "batching")
     gen.add_argument("--output", default=None, metavar="JSONL", help="with --input: answers, in input order "
                      "(default: stdout)")
     gen.add_argument("--max-batch", type=int, default=16, help="with --input: requests decoded together")

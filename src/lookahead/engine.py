@@ -72,8 +72,7 @@ class Engine:
         self.state = state or self.new_state()
         if cfg.sizing == "measured" and cost is None:
             # Tiny unnamed models are measured afresh (milliseconds); named ones once per machine.
-            size = sum(p.numel() for p in model.parameters())
-            cost = load_cost(model, f"{self.model_id}-{size}") if self.model_id else measure_cost(model, context=64)
+            cost = load_cost(model, _cost_key(model)) if self.model_id else measure_cost(model, context=64)
         self.cost = cost if cfg.sizing == "measured" else None
         # One policy for every request of this engine (pass one to share it between engines on one
         # model): what it learns about the machine, e.g. that drafting loses here, is kept.
@@ -123,8 +122,6 @@ class Engine:
         """A checked request (tokenized prompt, limits, stop strings, accept rule) for the decode core."""
         sampling = SamplingParams.of(sampling, **params)
         ids = self.encode(prompt)
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
         # Built now, so that a bad setting fails at the call, not at the first token.
         accept = accept_greedy if sampling.plain_greedy else \
             sampling.sampler(self.model, len(ids), self.eos_ids).accept
@@ -237,24 +234,26 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
         model, tokenizer = load_model(source, dtype=dtype, device=device)
         return Engine(model, tokenizer, draft_config)
     device = device or default_device()
+    cost = None
     if device.startswith("cuda"):
         model, tokenizer = load_model(source, dtype=torch.bfloat16, device=device)
         reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
     else:
         model, tokenizer = load_model(source, dtype=torch.float32, device=device)
-        model, reason = _cpu_dtype(model)
+        model, reason, cost = _cpu_dtype(model)
     print(f"[lookahead] dtype auto: {reason}", file=sys.stderr)
-    engine = Engine(model, tokenizer, draft_config)
+    engine = Engine(model, tokenizer, draft_config, cost=cost)  # the curve the choice read, not read again
     engine.dtype_reason = reason
     return engine
 
 
-def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """`model` (fp32) as is, or cast to bf16 when that decodes faster with drafting here."""
+def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str, CostModel | None]:
+    """`model` (fp32) as is, or cast to bf16 when that decodes faster with drafting here; the reason and
+    the cost curve of the chosen dtype (None where none was read)."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return model, ("float32 (this CPU has no native bf16: a k-token bf16 forward costs about k one-token "
-                       "ones, so drafting cannot pay in bf16; fp32 is also exact)")
-    key = f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
+                       "ones, so drafting cannot pay in bf16; fp32 is also exact)"), None
+    key = _cost_key(model)
     fp32 = load_cost(model, key)
     bf16 = cached_cost(cost_path(key, torch.bfloat16, "cpu"))
     if bf16 is None:  # measured once per machine, on a bf16 copy (the fp32 weights stay exact)
@@ -262,13 +261,18 @@ def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     r32, r16 = _drafting_rate(fp32), _drafting_rate(bf16)
     figures = f"measured with drafting ~{r16:.0f} tok/s in bf16 vs ~{r32:.0f} in fp32"
     if r16 > 1.1 * r32:  # fp32 is exact: bf16 must be clearly faster to be worth its near-ties
-        return model.to(torch.bfloat16), f"bfloat16 ({figures}; float32 is the exact mode: --dtype float32)"
-    return model, f"float32 ({figures}; float32 is also exact)"
+        return model.to(torch.bfloat16), f"bfloat16 ({figures}; float32 is the exact mode: --dtype float32)", bf16
+    return model, f"float32 ({figures}; float32 is also exact)", fp32
 
 
 def _drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
     """Tokens per second of the best chain length when each draft node is accepted with `accept`."""
     return max(sum(accept ** i for i in range(n + 1)) / cost(n + 1) for n in range(depth + 1))
+
+
+def _cost_key(model: torch.nn.Module) -> str:
+    """What a cached cost curve belongs to (with dtype, device and machine added by `cost_path`)."""
+    return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
 
 
 def _model_id(model: torch.nn.Module) -> str:

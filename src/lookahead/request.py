@@ -128,12 +128,12 @@ class Request:
         before = self._text
         text = self._decode(self.ids)
         start = max(0, len(before) - max(len(s) for s in self.stops) + 1)
-        found = [at for s in self.stops if (at := text.find(s, start)) >= 0]
+        # (start, end) of each stop string found; the earliest start wins, the shortest stop on a tie.
+        found = [(at, at + len(s)) for s in self.stops if (at := text.find(s, start)) >= 0]
         if not found:
             self._text = text
             return kept
-        at = min(found)
-        end = min(at + len(s) for s in self.stops if text.find(s, start) == at)
+        at, end = min(found)
         # The first token whose text reaches the end of the stop string (one decode per candidate).
         first = len(self.ids) - kept
         for i in range(first + 1, len(self.ids) + 1):

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "dtype": args.dtype, "prompts": len(prompts), "max_new_tokens": n,
-            "max_batch": args.max_batch, "rounds": args.rounds, "machine": _machine(), "threads": torch.get_num_threads(),
+            "max_batch": args.max_batch, "rounds": args.rounds, "machine": _machine(),
+            "threads": torch.get_num_threads(),
             "command": "python -m lookahead.benchmark.batch " + " ".join(argv or sys.argv[1:]), **_versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

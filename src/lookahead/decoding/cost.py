@@ -44,8 +44,8 @@ class CostModel:
     """Seconds of one forward over T query tokens, linear between measured points.
 
     `observe(T, seconds)` moves the point nearest to T (in log scale) towards what was measured
-    (a running mean that counts the measurement as 4 observations, then an exponential one): the ratios t(T)/t(1) that sizing depends on
-    follow the machine as it is now.
+    (a running mean that counts the measurement as 4 observations, then an exponential one): the
+    ratios t(T)/t(1) that sizing depends on follow the machine as it is now.
     """
     tokens: list[int]
     seconds: list[float]

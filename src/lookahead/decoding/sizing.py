@@ -144,8 +144,7 @@ def best_cut(trees: list[DraftTree], cost: CostModel) -> int:
     expected = float(rows)
     for n in range(1, largest + 1):
         expected += sum(g[n - 1] for g in gains if len(g) >= n)
-        q = 1 + min(n, largest)
-        rate = expected / cost(rows * q)
+        rate = expected / cost(rows * (1 + n))  # every row padded to the largest cut tree
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
