@@ -68,6 +68,21 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert poisoned.seconds == sorted(poisoned.seconds)  # the curve never says more tokens cost less
 
 
+def test_a_cached_curve_that_disagrees_with_live_forwards_is_measured_again(monkeypatch, tmp_path):
+    """A curve cached while the machine was loaded (100x too slow) is not believed at the next start."""
+    from lookahead.decoding.cost import cost_path, load_cost
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
+    model = slow_forward(tiny_model("llama"), base_s=0.02)   # forwards slow enough to time steadily
+    path = cost_path("tiny", torch.float32, "cpu")
+    first = load_cost(model, "tiny")                       # measured and cached
+    assert path.is_file() and first.path == path
+    again = load_cost(model, "tiny")                       # agrees with live forwards: read, not measured
+    assert again.seconds == first.seconds
+    CostModel(first.tokens, [100 * s for s in first.seconds]).save(path)   # poisoned
+    healed = load_cost(model, "tiny")
+    assert healed(1) < 10 * first(1) and json.loads(path.read_text())["seconds"] == healed.seconds
+
+
 def slow_forward(model, base_s: float, per_token_s: float = 0.0, per_token2_s: float = 0.0):
     """Make every forward of `model` over T query tokens sleep base_s + per_token_s * T + per_token2_s * T^2
     first: a cost curve we control, far above the tiny model's own time."""
@@ -168,6 +183,7 @@ def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_pa
     tokens = [1, 2, 4, 8, 16]
     for dtype, seconds in ((torch.float32, [0.012, 0.016, 0.018, 0.02, 0.03]), (torch.bfloat16, bf16_seconds)):
         CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))   # as measured on an earlier run
+    monkeypatch.setattr("lookahead.decoding.cost.agrees", lambda cached, live: True)  # and still true now
     model, reason, cost = _cpu_dtype(model)
     assert next(model.parameters()).dtype == chosen and "measured with drafting" in reason
     assert cost.path == cost_path(key, chosen, "cpu")  # the engine gets the chosen dtype's curve

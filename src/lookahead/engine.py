@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .chat import encode_messages
 from .decoding.accept import accept_greedy
-from .decoding.cost import CostModel, cached_cost, cost_path, load_cost, measure_cost
+from .decoding.cost import CostModel, load_cost, measure_cost
 from .decoding.sampling import SamplingParams
 from .decoding.sizing import SizingPolicy
 from .decoding.step import Decoder, run
@@ -255,9 +255,8 @@ def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str, CostModel 
                        "ones, so drafting cannot pay in bf16; fp32 is also exact)"), None
     key = _cost_key(model)
     fp32 = load_cost(model, key)
-    bf16 = cached_cost(cost_path(key, torch.bfloat16, "cpu"))
-    if bf16 is None:  # measured once per machine, on a bf16 copy (the fp32 weights stay exact)
-        bf16 = load_cost(copy.deepcopy(model).to(torch.bfloat16), key)
+    # Measured (once per machine, then checked at each start) on a bf16 copy: the fp32 weights stay exact.
+    bf16 = load_cost(copy.deepcopy(model).to(torch.bfloat16), key)
     r32, r16 = _drafting_rate(fp32), _drafting_rate(bf16)
     figures = f"measured with drafting ~{r16:.0f} tok/s in bf16 vs ~{r32:.0f} in fp32"
     if r16 > 1.1 * r32:  # fp32 is exact: bf16 must be clearly faster to be worth its near-ties

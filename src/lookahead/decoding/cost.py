@@ -179,15 +179,24 @@ def cached_cost(path: Path) -> CostModel | None:
     return None
 
 
-def load_cost(model: torch.nn.Module, key: str) -> CostModel:
+def load_cost(model: torch.nn.Module, key: str, check: tuple[int, ...] = (1, 8)) -> CostModel:
     """The cost curve of `model` on this machine: cached per model/dtype/device/CPU/flags/torch/threads,
-    measured on first use (seconds for a small model), corrected and re-saved as it runs."""
+    measured on first use (seconds for a small model), corrected and re-saved as it runs.
+
+    A cached curve is checked against a few live forwards first (T in `check`): one measured while
+    something else loaded the machine, or on another kernel build, would otherwise steer every
+    decision made before online correction caught up (dtype auto decides before any request runs)."""
     param = next(model.parameters())
     path = cost_path(key, param.dtype, param.device.type)
     cost = cached_cost(path)
-    if cost is not None:
+    if cost is not None and agrees(cost, measure_cost(model, tokens=check, reps=2)):
         return cost
     cost = measure_cost(model)
     cost.path = path
     cost.save(path)
     return cost
+
+
+def agrees(cached: CostModel, live: CostModel, tolerance: float = 1.5) -> bool:
+    """Whether live timings at a few token counts lie within `tolerance`x of the cached curve."""
+    return all(1 / tolerance <= s / cached(t) <= tolerance for t, s in zip(live.tokens, live.seconds, strict=True))
