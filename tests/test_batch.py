@@ -244,3 +244,61 @@ def test_chunked_prefill_is_exact_and_lets_running_rows_go_on(arch):
         decoder.step()
     assert running.ids == hf_greedy(model, [3, 4, 9], 30)
     assert joining.ids == hf_greedy(model, long_prompt, 12)
+
+
+def test_the_padded_cache_stays_within_max_cache_tokens():
+    """A long prompt among short requests: every row's cache is padded to the longest, so the long one joins
+    only when rows x its length fits the bound (it waits its turn in order), and outputs are unchanged."""
+    from lookahead.decoding.step import run
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    long_prompt = (BASE * 8)[:150]
+    prompts = [[3, 4, 9], [7, 8], long_prompt, [5, 6, 7, 5, 6], [11, 12], [40, 41, 42]]
+
+    def peak(bound: int | None) -> tuple[int, list]:
+        decoder = engine.decoder(max_cache_tokens=bound)
+        requests = [engine.request(p, 20) for p in prompts]
+        step, most = decoder.step, [0]
+
+        def measured_step():
+            finished = step()
+            most[0] = max(most[0], len(decoder.verifier) * decoder.verifier.length)
+            return finished
+        decoder.step = measured_step
+        run(decoder, requests, max_batch=8)
+        return most[0], requests
+
+    unbounded, _ = peak(None)
+    assert unbounded > 3 * 170                              # the long row multiplied the others' caches
+    bounded, requests = peak(300)
+    assert bounded <= 300
+    assert [r.ids for r in requests] == [hf_greedy(model, p, 20) for p in prompts]
+
+
+def test_a_joining_prompt_is_prefilled_in_chunks_no_dearer_than_the_running_rows_step():
+    """Alone, a prompt is prefilled a whole chunk (64) per step; while a row runs, only as many tokens as
+    cost no more than that row's own step on the cost curve (here flat up to 32 tokens, then steep)."""
+    from lookahead.decoding.cost import CostModel
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    decoder = engine.decoder(prefill_chunk=64)
+    decoder.cost = CostModel([1, 32, 64], [1.0, 1.0, 8.0])
+    decoder.cost.observe = lambda *args: None               # the curve stays as given
+    alone = engine.request((BASE * 8)[:150], 30)
+    decoder.add(alone)
+    decoder.step()
+    assert decoder.prefilling[0].filled == 64               # nobody waits: a whole chunk
+    while decoder.prefilling:
+        decoder.step()
+    joining = engine.request(list(reversed(BASE * 4)), 4)
+    decoder.add(joining)
+    filled = []
+    while decoder.prefilling:
+        before = decoder.prefilling[0].filled
+        decoder.step()
+        filled.append((decoder.prefilling[0].filled if decoder.prefilling else len(joining.prompt) - 1) - before)
+    assert filled[:-1] and set(filled[:-1]) == {32}, filled  # the running row's step costs t(13) = t(32)
+    while len(decoder):
+        decoder.step()
+    assert alone.ids == hf_greedy(model, (BASE * 8)[:150], 30)
+    assert joining.ids == hf_greedy(model, list(reversed(BASE * 4)), 4)

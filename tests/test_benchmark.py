@@ -349,4 +349,4 @@ def test_run_facts_record_the_machine(tiny_ctx):
     assert set(facts["cpu_flags"]) == {f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))}
     args = argparse.Namespace(dtype=None)
     _resolve_dtype(args)
-    assert args.dtype == "bfloat16" and args.dtype_reason.startswith("default")
+    assert args.dtype == "auto" and args.dtype_reason.startswith("default")

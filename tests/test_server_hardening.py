@@ -12,6 +12,8 @@ import logging
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -326,3 +328,33 @@ def test_per_request_drafting_controls_and_speculation_stats(server):
     usage = [json.loads(line[6:])["usage"] for line in streamed.text.splitlines()
              if line.startswith("data: {") and json.loads(line[6:]).get("usage")]
     assert usage and usage[-1]["speculation"]["steps"] >= 1
+
+
+# -- 1: one request cannot stall the others -------------------------------------------------------------------
+STALL_FACTOR = 5   # victim latency next to an attacker over alone: measured 2.4-2.9x; 27x before the fix
+
+
+def victim_latency(url: str) -> float:
+    start = time.perf_counter()
+    r = post(url + CHAT_URL, {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of "
+                                                                       "France?"}], "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("attack", [
+    {"messages": [{"role": "user", "content": "Summarise: " + "The Rhine flows to the North Sea. " * 380}],
+     "max_tokens": 2},                                                              # ~3,000 prompt tokens
+    {"messages": HI, "max_tokens": 48, "stop": ["Q" * (MAX_STOP_CHARS - 1) + "A", "Z" * MAX_STOP_CHARS,
+                                                 "y" * MAX_STOP_CHARS, "x" * MAX_STOP_CHARS]},
+], ids=["long-prompt", "huge-stops"])
+def test_a_concurrent_request_is_not_stalled_by_an_attacker(server, attack):
+    solo = sorted(victim_latency(server.url) for _ in range(3))[1]
+    with ThreadPoolExecutor(1) as pool:
+        attacker = pool.submit(post, server.url + CHAT_URL, {"model": MODEL, **attack})
+        time.sleep(0.3)                                  # admitted: prefilling or decoding
+        assert not attacker.done()
+        shared = victim_latency(server.url)
+        assert attacker.result().status_code == 200
+    print(f"victim {shared:.2f}s next to the attacker vs {solo:.2f}s alone")
+    assert shared <= STALL_FACTOR * solo, f"victim {shared:.2f}s next to the attacker vs {solo:.2f}s alone"

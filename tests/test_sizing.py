@@ -162,31 +162,44 @@ def test_sizing_policy_without_a_curve_verifies_whole_trees():
 
 
 # -- dtype="auto": chosen from the CPU's capabilities and the measured cost ---------------------------
-def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch):
-    from lookahead.engine import _cpu_dtype
+def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    from lookahead.engine import _cpu_choice
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    model, reason, _ = _cpu_dtype(tiny_model("llama"))
+    model, reason, _ = _cpu_choice(tiny_model("llama"))
     assert next(model.parameters()).dtype == torch.float32 and "no native bf16" in reason
 
 
-@pytest.mark.parametrize("bf16_seconds, chosen", [
-    ([0.010, 0.011, 0.012, 0.013, 0.015], torch.bfloat16),   # bf16: flat and fast -> bf16
-    ([0.010, 0.020, 0.040, 0.080, 0.160], torch.float32),    # bf16: k tokens cost k forwards -> fp32
+FAST, SLOW = [0.010, 0.011, 0.012, 0.013, 0.015], [0.010, 0.020, 0.040, 0.080, 0.160]   # SLOW: k tokens, k forwards
+
+
+@pytest.mark.parametrize("curves, chosen, linears", [
+    ({("float32", "eager"): [0.012, 0.016, 0.018, 0.02, 0.03], ("bfloat16", "eager"): FAST}, torch.bfloat16, "eager"),
+    ({("float32", "eager"): [0.012, 0.016, 0.018, 0.02, 0.03], ("bfloat16", "eager"): SLOW}, torch.float32, "eager"),
+    ({("float32", "eager"): [0.012, 0.016, 0.018, 0.02, 0.03], ("bfloat16", "eager"): SLOW,
+      ("bfloat16", "packed"): [0.005, 0.006, 0.006, 0.007, 0.008]}, torch.bfloat16, "packed"),
+    ({("float32", "eager"): FAST, ("float32", "packed"): [0.0098, 0.0105, 0.011, 0.012, 0.014]},  # < 10 % faster:
+     torch.float32, "eager"),                                                                   # the exact one
 ])
-def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_path, bf16_seconds, chosen):
+def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_path, curves, chosen, linears):
     from lookahead.decoding.cost import cost_path
-    from lookahead.engine import _cost_key, _cpu_dtype
+    from lookahead.decoding.kernels import linear_kernels
+    from lookahead.engine import _cpu_choice
     monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     model = tiny_model("llama")
-    key = _cost_key(model)
-    tokens = [1, 2, 4, 8, 16]
-    for dtype, seconds in ((torch.float32, [0.012, 0.016, 0.018, 0.02, 0.03]), (torch.bfloat16, bf16_seconds)):
-        CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))   # as measured on an earlier run
+    model.config._name_or_path = "tiny"
+    tokens, params = [1, 2, 4, 8, 16], sum(p.numel() for p in model.parameters())
+    for dtype in (torch.float32, torch.bfloat16):                    # as measured on an earlier run
+        for kind in ("eager", "packed"):
+            seconds = curves.get((str(dtype).removeprefix("torch."), kind), [1.0] * 5)   # absent: very slow
+            key = f"tiny-{params}" + ("-packed" if kind == "packed" else "")
+            CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))
     monkeypatch.setattr("lookahead.decoding.cost.agrees", lambda cached, live: True)  # and still true now
-    model, reason, cost = _cpu_dtype(model)
-    assert next(model.parameters()).dtype == chosen and "measured with drafting" in reason
-    assert cost.path == cost_path(key, chosen, "cpu")  # the engine gets the chosen dtype's curve
+    model, reason, cost = _cpu_choice(model)
+    assert next(model.parameters()).dtype == chosen and linear_kernels(model) == linears, reason
+    assert "measured tok/s with drafting" in reason and cost.seconds[0] == curves[
+        (str(chosen).removeprefix("torch."), linears)][0]  # the engine gets the chosen candidate's curve
 
 
 def test_the_guard_turns_drafting_back_on_when_a_trial_wins():

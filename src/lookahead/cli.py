@@ -24,7 +24,8 @@ def _generate(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
                                ("sizing", args.sizing)) if v is not None}
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
-                            draft_config=lookahead.DraftConfig(**sizes))
+                            draft_config=lookahead.DraftConfig(**sizes), deterministic=args.deterministic,
+                            kernels=args.kernels)
     if args.input:
         return _generate_file(engine, args, sampling)
     prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default=None, metavar="JSONL", help="with --input: answers, in input order "
                      "(default: stdout)")
     gen.add_argument("--max-batch", type=int, default=16, help="with --input: requests decoded together")
+    gen.add_argument("--kernels", choices=("auto", "eager", "packed"), default="auto",
+                     help="linear kernels: auto (measured; fp32 stays eager unless --dtype auto), eager, "
+                     "packed (oneDNN)")
+    gen.add_argument("--deterministic", action="store_true", help="batch- and tree-invariant kernels: the same "
+                     "greedy answer bit for bit in any dtype, whatever is drafted (slower forwards)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")

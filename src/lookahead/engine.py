@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from .chat import encode_messages
 from .decoding.accept import accept_greedy
 from .decoding.cost import CostModel, load_cost, measure_cost
+from .decoding.invariant import is_invariant, make_invariant
+from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, unpack_linears
 from .decoding.sampling import SamplingParams
 from .decoding.sizing import SizingPolicy
-from .decoding.step import Decoder, run
+from .decoding.step import MAX_CACHE_TOKENS, Decoder, run
 from .decoding.support import check_supported
 from .drafting.fusion import Budget
 from .drafting.recycle import RecycleTable
@@ -63,9 +65,12 @@ class DraftConfig:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, draft_config: DraftConfig | None = None,
                  state: DraftState | None = None, cost: CostModel | None = None,
-                 sizing: SizingPolicy | None = None) -> None:
+                 sizing: SizingPolicy | None = None, deterministic: bool = False) -> None:
+        if deterministic and not is_invariant(model):
+            make_invariant(model)  # a position's logits no longer depend on what shares its forward
         check_supported(model)  # refuse unsupported models now, not at the first request
         self.model, self.tokenizer = model, tokenizer
+        self.deterministic = is_invariant(model)
         self.draft_config = cfg = draft_config or DraftConfig()
         self.vocab_size = _vocab_size(model)
         self.model_id = _model_id(model)
@@ -129,13 +134,14 @@ class Engine:
         return Request(ids, self.tokenizer, max_new_tokens=max_new_tokens, stops=stops, eos_ids=self.eos_ids,
                        max_positions=self.max_positions, accept=accept, draft=draft, max_draft=max_draft)
 
-    def decoder(self, prefill_chunk: int | None = None) -> Decoder:
+    def decoder(self, prefill_chunk: int | None = None, max_cache_tokens: int | None = MAX_CACHE_TOKENS) -> Decoder:
         """A decode core over this engine's model, drafting state, sizing policy and cost curve.
 
-        `prefill_chunk`: prompt tokens prefilled per step for rows joining a running batch (None: whole)."""
+        `prefill_chunk`: most prompt tokens prefilled per step for rows joining a running batch (None:
+        whole); `max_cache_tokens`: bound of the batch's padded KV cache (None: unbounded)."""
         cfg = self.draft_config
         return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost,
-                       prefill_chunk)
+                       prefill_chunk, max_cache_tokens)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
@@ -155,13 +161,15 @@ class Engine:
     def generate_batch(self, prompts: Sequence[Prompt | Request], max_new_tokens: int = 256,
                        stop: Sequence[str] | str | None = None, draft: bool = True,
                        sampling: SamplingParams | None = None, max_batch: int = 16, progress: bool = True,
-                       **params) -> list[GenerationOutput]:
+                       max_cache_tokens: int | None = MAX_CACHE_TOKENS, **params) -> list[GenerationOutput]:
         """Generate for every prompt with continuous batching; outputs in input order, each with its stats.
 
         Up to `max_batch` requests share each forward; as one finishes the next prompt joins. Every
         prompt is checked before anything runs, so a bad one fails the call at once. Greedy outputs are
         those of `generate` one prompt at a time (fp32: token-identical to model.generate()). An item
-        may also be a `Request` from `engine.request(...)`, for settings that differ per prompt."""
+        may also be a `Request` from `engine.request(...)`, for settings that differ per prompt.
+        `max_cache_tokens` bounds the batch's KV cache (rows x longest row, padded): long prompts wait
+        for room rather than multiply every row's cache."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise ValueError("generate_batch takes a list of prompts (use generate for one)")
         if max_batch < 1:
@@ -185,7 +193,7 @@ class Engine:
             bar.set_postfix(tokens=tokens, refresh=False)
 
         try:
-            run(self.decoder(), requests, max_batch, on_finish=finished)
+            run(self.decoder(max_cache_tokens=max_cache_tokens), requests, max_batch, on_finish=finished)
         finally:
             bar.close()
         return [_finished(r) for r in requests]
@@ -224,44 +232,73 @@ def _finished(request: Request) -> GenerationOutput:
 
 
 def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
-         draft_config: DraftConfig | None = None) -> Engine:
+         draft_config: DraftConfig | None = None, deterministic: bool = False, kernels: str = "auto") -> Engine:
     """An Engine for a named model (default: the embedded SmolLM2-135M-Instruct), a .gguf file or an HF dir.
 
-    `dtype="auto"` picks the dtype that decodes fastest with drafting on this machine (printed once, with
-    the reason); an explicit dtype always wins. float32 is the exact reference (token-identical to
-    `model.generate`); bfloat16 may part from it at near-ties of the top two logits."""
-    if dtype != "auto":
-        model, tokenizer = load_model(source, dtype=dtype, device=device)
-        return Engine(model, tokenizer, draft_config)
+    `dtype="auto"` picks the dtype and linear kernels that decode fastest with drafting on this machine
+    (printed once, with the reason); an explicit dtype always wins. float32 with eager kernels is the exact
+    reference (token-identical to `model.generate`); bfloat16 or packed kernels may part from it at
+    near-ties of the top two logits. `kernels`: "auto" (bf16: eager or oneDNN-packed linears, whichever
+    measures faster; fp32 stays eager, the exact mode, unless dtype is auto too), "eager" or "packed".
+
+    `deterministic=True` installs batch- and tree-invariant kernels (decoding/invariant.py): the same
+    greedy request gives the same text bit for bit in any dtype, whatever the draft tree or the batch
+    (and equals `draft=False` decoding on the same engine); forwards cost more (README)."""
+    if kernels not in ("auto", EAGER, PACKED):
+        raise ValueError("kernels must be 'auto', 'eager' or 'packed'")
     device = device or default_device()
-    cost = None
-    if device.startswith("cuda"):
-        model, tokenizer = load_model(source, dtype=torch.bfloat16, device=device)
-        reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
+    cost, reason = None, "given"
+    if dtype != "auto" or device.startswith("cuda"):
+        model, tokenizer = load_model(source, dtype=torch.bfloat16 if dtype == "auto" else dtype, device=device)
+        if dtype == "auto":
+            reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
+        half = next(model.parameters()).dtype == torch.bfloat16
+        if not deterministic and (kernels == PACKED or (kernels == "auto" and half and can_pack(model))):
+            options = [(model, PACKED)] if kernels == PACKED else [(model, EAGER), (model, PACKED)]
+            model, reason, cost = _fastest(options)
     else:
         model, tokenizer = load_model(source, dtype=torch.float32, device=device)
-        model, reason, cost = _cpu_dtype(model)
-    print(f"[lookahead] dtype auto: {reason}", file=sys.stderr)
-    engine = Engine(model, tokenizer, draft_config, cost=cost)  # the curve the choice read, not read again
+        model, reason, cost = _cpu_choice(model, None if kernels == "auto" else kernels)
+    if cost is not None or dtype == "auto":
+        print(f"[lookahead] {'dtype auto' if dtype == 'auto' else 'kernels'}: {reason}", file=sys.stderr)
+    # The curve the choice read is not read again (deterministic kernels have their own).
+    engine = Engine(model, tokenizer, draft_config, cost=None if deterministic else cost, deterministic=deterministic)
     engine.dtype_reason = reason
     return engine
 
 
-def _cpu_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, str, CostModel | None]:
-    """`model` (fp32) as is, or cast to bf16 when that decodes faster with drafting here; the reason and
-    the cost curve of the chosen dtype (None where none was read)."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return model, ("float32 (this CPU has no native bf16: a k-token bf16 forward costs about k one-token "
-                       "ones, so drafting cannot pay in bf16; fp32 is also exact)"), None
-    key = _cost_key(model)
-    fp32 = load_cost(model, key)
-    # Measured (once per machine, then checked at each start) on a bf16 copy: the fp32 weights stay exact.
-    bf16 = load_cost(copy.deepcopy(model).to(torch.bfloat16), key)
-    r32, r16 = _drafting_rate(fp32), _drafting_rate(bf16)
-    figures = f"measured with drafting ~{r16:.0f} tok/s in bf16 vs ~{r32:.0f} in fp32"
-    if r16 > 1.1 * r32:  # fp32 is exact: bf16 must be clearly faster to be worth its near-ties
-        return model.to(torch.bfloat16), f"bfloat16 ({figures}; float32 is the exact mode: --dtype float32)", bf16
-    return model, f"float32 ({figures}; float32 is also exact)", fp32
+def _cpu_choice(model: torch.nn.Module, only: str | None = None) -> tuple[torch.nn.Module, str, CostModel | None]:
+    """`model` (fp32), as is or cast to bf16, with eager or packed linears: whichever decodes fastest with
+    drafting here (exact fp32 eager unless another is >10 % faster); the reason and the chosen curve."""
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    candidates = [(model, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(model))]
+    if bf16:
+        half = copy.deepcopy(model).to(torch.bfloat16)  # the fp32 weights stay exact
+        candidates += [(half, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(half))]
+    chosen, reason, cost = _fastest(candidates)
+    if not bf16:
+        reason += ("; this CPU has no native bf16: a k-token bf16 forward costs about k one-token ones, so "
+                   "drafting cannot pay in bf16")
+    return chosen, reason, cost
+
+
+def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Module, str, CostModel]:
+    """The (model, kernels) whose measured cost curve gives the most tokens/s with drafting; the first
+    candidate (the exact one) wins unless another is more than 10 % faster. Curves are measured once
+    per machine and checked against live forwards at each start."""
+    measured = []
+    for model, kind in candidates:
+        (pack_linears if kind == PACKED else unpack_linears)(model)
+        cost = load_cost(model, _cost_key(model))
+        measured.append((_drafting_rate(cost), model, kind, cost))
+    fastest = max(measured, key=lambda m: m[0])
+    best = fastest if fastest[0] > 1.1 * measured[0][0] else measured[0]
+    rate, model, kind, cost = best
+    (pack_linears if kind == PACKED else unpack_linears)(model)
+    name = lambda m, k: f"{str(next(m.parameters()).dtype).removeprefix('torch.')} {k}"  # noqa: E731
+    figures = ", ".join(f"{name(m, k)} ~{r:.0f}" for r, m, k, _ in measured)
+    exact = " (the exact mode)" if best is measured[0] and kind == EAGER else ""
+    return model, f"{name(model, kind)} kernels{exact}: measured tok/s with drafting {figures}", cost
 
 
 def _drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
@@ -271,7 +308,8 @@ def _drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> flo
 
 def _cost_key(model: torch.nn.Module) -> str:
     """What a cached cost curve belongs to (with dtype, device and machine added by `cost_path`)."""
-    return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}"
+    linears = "-invariant" if is_invariant(model) else "-packed" if linear_kernels(model) == PACKED else ""
+    return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}{linears}"
 
 
 def _model_id(model: torch.nn.Module) -> str:

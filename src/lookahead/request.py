@@ -91,6 +91,12 @@ class Request:
         return self.prompt + self.ids
 
     @property
+    def final_length(self) -> int:
+        """The most positions this request can occupy in a KV cache (prompt and every new token)."""
+        length = len(self.prompt) + self.max_new_tokens
+        return min(length, self.max_positions) if self.max_positions else length
+
+    @property
     def room(self) -> int:
         """Draft depth the next step may use: an accepted path of depth d emits d + 1 tokens, and
         neither the token limit nor the model's last position may be passed."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_METHODS = "baseline,pld,assisted,lookahead,lookahead-warm"
-DEFAULT_DTYPE = "bfloat16"
+DEFAULT_DTYPE = "auto"
 # Classic speculative decoding needs a draft model with the target's tokenizer.
 ASSISTANTS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
 
@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Runs every method on each prompt in turn (interleaved), then writes results.json, "
                     "results.md and PNG plots to --out. With --cost-curve: the verify cost t(k)/t(1) instead.")
     p.add_argument("--model", default="smollm2-135m", help="named model, .gguf file or HF directory")
-    p.add_argument("--dtype", default=None, help="bfloat16 (fast on CPU; the default) or float32 (exact reference)")
+    p.add_argument("--dtype", default=None, help="auto (the default: what the engine picks here), bfloat16 or "
+                   "float32 (the exact reference)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tasks", default="code,chat,summary,qa", help="comma-separated categories")
     p.add_argument("--methods", default=DEFAULT_METHODS,
@@ -85,7 +86,7 @@ def _resolve_dtype(args: argparse.Namespace) -> None:
     """Fill in the default --dtype and say why the run uses the dtype it does (results.json records it)."""
     if args.dtype is None:
         args.dtype = DEFAULT_DTYPE
-        args.dtype_reason = f"default ({DEFAULT_DTYPE}: half the memory traffic of float32)"
+        args.dtype_reason = "default (auto: the engine's choice on this machine)"
     else:
         args.dtype_reason = "given on the command line"
 
@@ -103,14 +104,17 @@ def run_facts(model, dtype_reason: str) -> dict:
     """What decides kernel speed, for results.json: CPU and its flags, threads, versions, oneDNN bf16
     support, device, dtype and why that dtype."""
     from ..decoding.cost import cpu_info
+    from ..decoding.invariant import is_invariant
+    from ..decoding.kernels import linear_kernels
 
     param = next(model.parameters())
     return {"cpu_model": _cpu_model(), "cpu_flags": cpu_info()[1], "cores": os.cpu_count(),
             "threads": torch_threads(), **_versions(), "mkldnn_bf16": _mkldnn_bf16(),
             "device": str(param.device), "torch_dtype": str(param.dtype).removeprefix("torch."),
             "dtype_reason": dtype_reason,
-            # Plain PyTorch ops (no torch.compile, no custom kernels) for every method so far.
-            "kernels": "eager", "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+            # Linear layers: eager F.linear, oneDNN-packed weights, or the deterministic mode's invariant tiles.
+            "kernels": "invariant" if is_invariant(model) else linear_kernels(model),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
 def _default_out(args, mode: str) -> Path:
@@ -195,8 +199,11 @@ def _load_engine(args):
 
     sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
                                ("max_match", args.max_match)) if v is not None}
-    return lookahead.load(args.model, dtype=args.dtype, device=args.device,
-                          draft_config=lookahead.DraftConfig(**sizes))
+    engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
+                            draft_config=lookahead.DraftConfig(**sizes))
+    # Results are named and recorded by the dtype that ran (auto resolves here); other models load in it.
+    args.dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+    return engine
 
 
 def _cost_curve(args) -> int:
@@ -217,7 +224,8 @@ def _cost_curve(args) -> int:
     title = f"{args.model} · {args.dtype} · {torch_threads()} threads · {_machine()}"
     curve["meta"] = {"model": args.model, "dtype": args.dtype, "machine": _machine(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                     "command": _command(args, []), **run_facts(engine.model, args.dtype_reason),
+                     "command": _command(args, []),
+                     **run_facts(engine.model, f"{args.dtype_reason}; {engine.dtype_reason}"),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (out / "cost_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
     md = cost.markdown(curve, title)
@@ -375,7 +383,7 @@ def _bench(args) -> int:
             "warm_corpus_tokens": sum(len(a) for _, a in ctx.warm_corpus),
             "machine": _machine(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": [load_before, _loadavg()],  # 1-minute load at the start and end of the timed part
-            **run_facts(engine.model, args.dtype_reason),
+            **run_facts(engine.model, f"{args.dtype_reason}; {engine.dtype_reason}"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "definitions": {
                 "cold": ("lookahead = cold: every prompt starts from a fresh engine state (empty shared trie, "

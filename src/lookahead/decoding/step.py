@@ -11,8 +11,11 @@ batched), `Engine.stream` and the server's decode thread. Each step
 6. feeds the outcome back: drafters (tries, recycle table, trust), sizing policy, cost curve.
 
 Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when done) between steps.
-With `prefill_chunk`, a joining prompt is prefilled that many tokens per step, between the batch's
-forwards, so a long prompt delays the running rows by one chunk per step, not by its whole prefill.
+With `prefill_chunk`, a joining prompt is prefilled in chunks between the batch's forwards, each at
+most `prefill_chunk` tokens and, while other rows run, no dearer than their own step (read off the cost
+curve): a long prompt delays the running rows by about one step's time per step, not by its whole
+prefill. `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request
+joins only while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
 leaves the others untouched.
 """
@@ -32,6 +35,10 @@ from ..tree import DraftTree
 from .cost import CostModel
 from .sizing import Choice, SizingPolicy
 from .verify import Verifier
+
+# Padded KV cache of a batch, in tokens (rows x longest row): ~0.75 GB for SmolLM2-135M in fp32.
+MAX_CACHE_TOKENS = 16384
+PREFILL_MIN = 16  # a joining prompt always advances by at least this many tokens per step
 
 
 @dataclass
@@ -59,10 +66,12 @@ class Decoder:
     """Owns a batch of requests and their KV cache; `step()` advances every row by one forward."""
 
     def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
-                 caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None) -> None:
+                 caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None,
+                 max_cache_tokens: int | None = MAX_CACHE_TOKENS) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
         self.prefill_chunk = prefill_chunk  # None: a joining prompt is prefilled whole, at once
+        self.max_cache_tokens = max_cache_tokens
         self.rows: list[_Row] = []
         self.prefilling: list[_Row] = []
         self.report = StepReport()          # the last step's
@@ -73,6 +82,14 @@ class Decoder:
     @property
     def requests(self) -> list[Request]:
         return [row.request for row in self.rows]
+
+    def fits(self, request: Request) -> bool:
+        """Whether `request` may join now without the padded KV cache (rows x the longest row's final
+        length) passing `max_cache_tokens`; a request alone always fits."""
+        if self.max_cache_tokens is None or not len(self):
+            return True
+        rows = [row.request for row in self.rows + self.prefilling] + [request]
+        return len(rows) * max(r.final_length for r in rows) <= self.max_cache_tokens
 
     def add(self, request: Request) -> None:
         """A new row (between steps). Prefilled now, or chunk by chunk in the coming steps with
@@ -92,7 +109,8 @@ class Decoder:
         """Prefill up to `budget` prompt tokens of joining rows; returns the requests that failed."""
         failed = []
         while budget > 0 and self.prefilling:
-            row = self.prefilling[0]
+            # Shortest remaining prompt first: a short request joining behind a long prompt runs at once.
+            row = min(self.prefilling, key=lambda r: len(r.request.prompt) - r.filled)
             ids = row.request.prompt[:-1]  # the last prompt token is the first tree's root
             t = time.perf_counter()
             try:
@@ -108,11 +126,26 @@ class Decoder:
             row.request.stats.prefill_s += time.perf_counter() - t
             if row.request.error is not None:
                 failed.append(row.request)
-                self.prefilling.pop(0)
+                self.prefilling.remove(row)
             elif row.cache is None:  # joined the batch
-                self.prefilling.pop(0)
+                self.prefilling.remove(row)
                 self.rows.append(row)
         return failed
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill this step: a whole chunk while no row waits on it, else about what the
+        running rows' own step costs (the cost curve read at their last step's query tokens)."""
+        chunk = self.prefill_chunk or 0
+        if not self.rows:
+            return chunk
+        step_tokens = max(1, self.report.rows * (self.report.nodes_per_row + 1))
+        if self.cost is None:
+            return max(PREFILL_MIN, min(chunk, 4 * step_tokens))
+        limit = self.cost(step_tokens)
+        tokens = PREFILL_MIN
+        while tokens * 2 <= chunk and self.cost(tokens * 2) <= limit:
+            tokens *= 2
+        return min(tokens, chunk)
 
     def remove(self, requests: Sequence[Request]) -> None:
         """Drop rows (finished, failed or cancelled) and their cache at once."""
@@ -130,7 +163,7 @@ class Decoder:
 
     def step(self) -> list[Request]:
         """One forward for every row; returns the requests that finished (they have left the batch)."""
-        failed = self._prefill(self.prefill_chunk) if self.prefill_chunk and self.prefilling else []
+        failed = self._prefill(self._prefill_budget()) if self.prefill_chunk and self.prefilling else []
         return failed + self._decode() if self.rows else failed
 
     def _decode(self) -> list[Request]:
@@ -214,7 +247,7 @@ def run(decoder: Decoder, requests: Sequence[Request], max_batch: int,
     waiting = deque(requests)
     while waiting or len(decoder):
         finished = []
-        while waiting and len(decoder) < max_batch:
+        while waiting and len(decoder) < max_batch and decoder.fits(waiting[0]):
             request = waiting.popleft()
             decoder.add(request)
             if request.error is not None:  # its prefill failed

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..decoding.sampling import SamplingParams
+from ..decoding.step import MAX_CACHE_TOKENS
 from ..drafting.state import StateFileError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import Event, Job, QueueFull, Scheduler
@@ -174,7 +175,8 @@ def _sampling_args(req, default_temperature: float) -> dict[str, Any]:
 def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None = None,
                trie_path: str | os.PathLike | None = None, save_every: float = 300.0, max_batch: int = 32,
                max_waiting: int = 512, draft: bool = True, max_tokens_limit: int | None = None,
-               default_temperature: float = 0.0, max_body_bytes: int = 4 << 20, protect_ops: bool = False) -> FastAPI:
+               default_temperature: float = 0.0, max_body_bytes: int = 4 << 20, protect_ops: bool = False,
+               max_cache_tokens: int | None = MAX_CACHE_TOKENS) -> FastAPI:
     """An ASGI app serving `engine`; its decode thread starts and stops with the app's lifespan.
 
     `protect_ops` puts /metrics, /openapi.json and the details of /health behind `api_key` too (an
@@ -184,7 +186,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         raise ValueError("protect_ops needs an api_key to protect /health, /metrics and /openapi.json with")
     _clip_access_log()
     trie_status = load_state(engine, trie_path)
-    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, max_cache_tokens=max_cache_tokens)
     metrics = Metrics(scheduler, lambda: engine.state.trie)
     keeper = StateKeeper(engine, scheduler, trie_path, save_every) if trie_path is not None else None
     encode_lock = threading.Lock()  # HF tokenizers are not safe to call from several threads at once

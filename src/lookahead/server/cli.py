@@ -30,8 +30,15 @@ def add_parser(sub) -> None:
     serve.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
                      "printed with its reason), float32 (exact reference) or bfloat16")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    serve.add_argument("--kernels", choices=("auto", "eager", "packed"), default="auto",
+                       help="linear kernels: auto (measured; fp32 stays eager unless --dtype auto), eager, "
+                       "packed (oneDNN)")
+    serve.add_argument("--deterministic", action="store_true", help="batch- and tree-invariant kernels: the same "
+                       "request gets the same answer whatever it shares a forward with (slower forwards)")
     serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
+    serve.add_argument("--max-cache-tokens", type=int, default=None, help="bound of the batch's KV cache in tokens "
+                       "(rows x longest row, padded; default 16384): long prompts wait for room")
     serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at most")
     serve.add_argument("--sizing", choices=["measured", "fixed"], default=None,
                        help="measured (default): trees cut to what pays on the measured cost curve for the "
@@ -81,13 +88,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _draft_config(args)
-    engine = load(args.model, dtype=args.dtype, device=args.device, draft_config=config)  # cost curve: cached
+    engine = load(args.model, dtype=args.dtype, device=args.device, draft_config=config,  # cost curve: cached
+                  deterministic=args.deterministic, kernels=args.kernels)
     logging.getLogger("lookahead.server").info("forward cost %s", engine.cost)
     name = args.served_model_name or args.model or "smollm2-135m"
     app = create_app(engine, model_name=name, api_key=args.api_key, trie_path=args.trie, save_every=args.save_every,
                      max_batch=args.max_batch, draft=not args.no_draft,
                      max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
-                     protect_ops=args.protect_ops)
+                     protect_ops=args.protect_ops,
+                     **({"max_cache_tokens": args.max_cache_tokens} if args.max_cache_tokens else {}))
     print(f"lookahead: serving {name} on http://{args.host}:{args.port}/v1 (trie: {app.state.trie_status})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)

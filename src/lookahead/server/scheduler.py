@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..decoding.step import MAX_CACHE_TOKENS
 from ..request import Request
 
 log = logging.getLogger("lookahead.server")
@@ -92,12 +93,13 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_batch: int = 32, max_waiting: int = 512, prefill_chunk: int = 256) -> None:
+    def __init__(self, engine, *, max_batch: int = 32, max_waiting: int = 512, prefill_chunk: int = 256,
+                 max_cache_tokens: int | None = MAX_CACHE_TOKENS) -> None:
         self.engine = engine
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.stats = SchedulerStats()
         # A long prompt is prefilled a chunk per step, so the running streams wait one chunk, not its whole prefill.
-        self.decoder = engine.decoder(prefill_chunk=prefill_chunk)
+        self.decoder = engine.decoder(prefill_chunk=prefill_chunk, max_cache_tokens=max_cache_tokens)
         self.jobs: dict[int, Job] = {}         # active, by id(request)
         self.waiting: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -182,6 +184,8 @@ class Scheduler:
             with self._cv:
                 if not self.waiting:
                     return
+                if not self.waiting[0].cancelled and not self.decoder.fits(self.waiting[0].request):
+                    return  # in order: it joins once the batch's padded cache has room for it
                 job = self.waiting.popleft()
             if job.cancelled:
                 self.stats.cancelled += 1
