@@ -94,3 +94,9 @@ def test_same_greedy_request_same_text_whatever_was_drafted_and_batched(dtype):
         texts |= {tuple(o.token_ids) for p, o in zip(prompts, outs, strict=False) if p is STORY}
     assert drafted > 0                                   # repeats accepted drafted tokens: trees were verified
     assert texts == {tuple(plain)}, f"{len(texts)} different texts"
+    # Seeded sampling: one draw per emitted token, from logits that no longer depend on the forward's company.
+    sample = dict(max_new_tokens=n, do_sample=True, temperature=0.9, seed=7)
+    alone = engine.generate(STORY, **sample).token_ids
+    undrafted = engine.generate(STORY, draft=False, **sample).token_ids
+    batch = [engine.request(STORY, **sample), engine.request(NOISE[1], max_new_tokens=n)]
+    assert alone == undrafted == engine.generate_batch(batch, progress=False)[0].token_ids

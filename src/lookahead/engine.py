@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .chat import encode_messages
 from .decoding.accept import accept_greedy
-from .decoding.cost import CostModel, load_cost, measure_cost
+from .decoding.cost import CostModel, drafting_rate, load_cost, measure_cost
 from .decoding.invariant import is_invariant, make_invariant
 from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, unpack_linears
 from .decoding.sampling import SamplingParams
@@ -290,7 +290,7 @@ def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Mo
     for model, kind in candidates:
         (pack_linears if kind == PACKED else unpack_linears)(model)
         cost = load_cost(model, _cost_key(model))
-        measured.append((_drafting_rate(cost), model, kind, cost))
+        measured.append((drafting_rate(cost), model, kind, cost))
     fastest = max(measured, key=lambda m: m[0])
     best = fastest if fastest[0] > 1.1 * measured[0][0] else measured[0]
     rate, model, kind, cost = best
@@ -299,11 +299,6 @@ def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Mo
     figures = ", ".join(f"{name(m, k)} ~{r:.0f}" for r, m, k, _ in measured)
     exact = " (the exact mode)" if best is measured[0] and kind == EAGER else ""
     return model, f"{name(model, kind)} kernels{exact}: measured tok/s with drafting {figures}", cost
-
-
-def _drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
-    """Tokens per second of the best chain length when each draft node is accepted with `accept`."""
-    return max(sum(accept ** i for i in range(n + 1)) / cost(n + 1) for n in range(depth + 1))
 
 
 def _cost_key(model: torch.nn.Module) -> str:

@@ -101,6 +101,11 @@ class CostModel:
                                                                                    strict=True)) + ")"
 
 
+def drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
+    """Tokens per second of the best chain length when each draft node is accepted with `accept`."""
+    return max(sum(accept ** i for i in range(n + 1)) / cost(n + 1) for n in range(depth + 1))
+
+
 def measure_cost(model: torch.nn.Module, tokens: tuple[int, ...] = TOKENS, context: int = 256,
                  reps: int = 3) -> CostModel:
     """Time `Verifier` forwards of T query tokens over `context`-token caches, as decoding runs them.
