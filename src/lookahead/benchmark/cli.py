@@ -125,7 +125,7 @@ def _default_out(args, mode: str) -> Path:
 
 
 def _command(args, methods: list[str]) -> str:
-    parts = ["lookahead bench", f"--model {args.model}", f"--dtype {args.dtype}"]
+    parts = ["lookahead bench", f"--model {args.model}", f"--dtype {getattr(args, 'dtype_asked', args.dtype)}"]
     if args.cost_curve:
         parts += ["--cost-curve", f"--context {args.context}", f"--reps {args.reps}"]
         if args.ks:
@@ -152,25 +152,9 @@ def _command(args, methods: list[str]) -> str:
     return " ".join(parts)
 
 
-def _passive_openmp() -> None:
-    """Restart this command with OMP_WAIT_POLICY=PASSIVE unless the variable is set.
-
-    OpenMP threads spin while they wait for work. On a CPU shared with other processes the
-    spinning threads steal the cores the working ones need: with 2 threads, one decode step of
-    SmolLM2-135M took 0.3-3.5 s instead of ~0.1 s here. libgomp reads the policy once, when torch
-    is imported (before this command runs), hence the restart. Set OMP_WAIT_POLICY to choose.
-    """
-    if os.environ.get("OMP_WAIT_POLICY") or sys.argv[1:2] != ["bench"] or "--report" in sys.argv:
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    print("lookahead bench: restarting with OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads stall on a "
-          "shared CPU; set OMP_WAIT_POLICY yourself to choose)", file=sys.stderr)
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "lookahead.cli", *sys.argv[1:]])
-
-
 def run_cli(args: argparse.Namespace) -> int:
-    _passive_openmp()
+    # No OMP_WAIT_POLICY is forced: PASSIVE (threads sleep between ops) doubled a SmolLM2 forward on a quiet
+    # 2-core machine (145 vs 54 ms); benchmarks measure what users get. results.json records the variable.
     import torch
 
     torch.set_num_threads(args.threads)
@@ -202,6 +186,7 @@ def _load_engine(args):
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
                             draft_config=lookahead.DraftConfig(**sizes))
     # Results are named and recorded by the dtype that ran (auto resolves here); other models load in it.
+    args.dtype_asked = args.dtype
     args.dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     return engine
 
