@@ -118,14 +118,16 @@ def measure_cost(model: torch.nn.Module, tokens: tuple[int, ...] = TOKENS, conte
 
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
+    verifiers: dict[int, Verifier] = {}  # by row count: token counts with as many rows share one prefill
     setups = {}
     for total in tokens:
         rows = max(1, total // 16)
-        verifier = Verifier(model)
-        for r in range(rows):
-            verifier.add(r, torch.randint(0, vocab, (context,), generator=gen).tolist())
+        if rows not in verifiers:
+            verifiers[rows] = Verifier(model)
+            for r in range(rows):
+                verifiers[rows].add(r, torch.randint(0, vocab, (context,), generator=gen).tolist())
         sizes = [total // rows + (1 if r < total % rows else 0) for r in range(rows)]
-        setups[total] = verifier, [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
+        setups[total] = verifiers[rows], [DraftTree.chain(1, list(range(2, 1 + n))) for n in sizes]
 
     def timed(total: int) -> float:
         verifier, trees = setups[total]
