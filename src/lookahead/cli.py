@@ -111,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("prompt", nargs="?", help="prompt text (default: a demo table-rewriting prompt)")
     gen.add_argument("--model", default=None, help="named model, .gguf file or HF directory")
-    gen.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
-                     "printed with its reason), float32 (exact reference) or bfloat16")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_engine_flags(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding, for comparison")
@@ -124,11 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default=None, metavar="JSONL", help="with --input: answers, in input order "
                      "(default: stdout)")
     gen.add_argument("--max-batch", type=int, default=16, help="with --input: requests decoded together")
-    gen.add_argument("--kernels", choices=("auto", "eager", "packed"), default="auto",
-                     help="linear kernels: auto (measured; fp32 stays eager unless --dtype auto), eager, "
-                     "packed (oneDNN)")
-    gen.add_argument("--deterministic", action="store_true", help="batch- and tree-invariant kernels: the same "
-                     "greedy answer bit for bit in any dtype, whatever is drafted (slower forwards)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
@@ -147,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(sub)  # bench
     add_export_command(sub)  # export
     return parser
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """How the model runs, for `generate` and `serve` alike: dtype, device, kernels, deterministic mode."""
+    parser.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
+                        "printed with its reason), float32 (exact reference) or bfloat16")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--kernels", choices=("auto", "eager", "packed"), default="auto",
+                        help="linear kernels: auto (measured; fp32 stays eager unless --dtype auto), eager, "
+                        "packed (oneDNN)")
+    parser.add_argument("--deterministic", action="store_true", help="batch- and tree-invariant kernels: the same "
+                        "request gets the same answer bit for bit whatever shares its forward (slower forwards)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,10 +105,17 @@ def plot(path, curve: dict, title: str) -> None:
             ax.plot(curve["ks"], curve[p]["ratio"], marker="o", markersize=3, label=f"{p} forward")
     ks = curve["ks"]
     ax.plot(ks, [k for k in ks], color="grey", linestyle=":", linewidth=0.8, label="t(k) = k·t(1)")
-    ax.set_xscale("log", base=2)
     ax.set_ylim(0, max(max(curve[p]["ratio"]) for p in ("tree", "plain") if p in curve) * 1.15)
+    save_k_plot(fig, ax, path, "t(k) / t(1)", title)
+
+
+def save_k_plot(fig, ax, path, ylabel: str, title: str) -> None:
+    """Log2 k axis, labels, grid and legend; written as a PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("k (tokens in one forward)")
-    ax.set_ylabel("t(k) / t(1)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -24,6 +24,7 @@ from ..decoding.kernels import can_pack, pack_linears
 from ..decoding.verify import Verifier
 from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
+from .cost import save_k_plot
 from .stats import median
 
 
@@ -86,15 +87,7 @@ def plot(path: Path, result: dict, title: str) -> None:
     for name, times in result["median_ms"].items():
         ax.plot(result["ks"], times, marker="o", markersize=3, label=name,
                 linestyle="--" if "invariant" in name else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (tokens in one verify forward)")
-    ax.set_ylabel("ms per forward (median)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_k_plot(fig, ax, path, "ms per forward (median)", title)
 
 
 def main(argv: list[str] | None = None) -> int:

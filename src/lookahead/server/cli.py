@@ -11,6 +11,7 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from ..cli import add_engine_flags  # the module that calls this one, loaded by now
     """Register the `serve` and `warm` subcommands on the CLI's subparsers."""
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched tree verification")
     serve.add_argument("--model", default=None, help="named model, .gguf file or HF directory (default: embedded)")
@@ -27,14 +28,7 @@ def add_parser(sub) -> None:
                        "saved periodically and on shutdown")
     serve.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
                        help="trie save interval (0: only on shutdown)")
-    serve.add_argument("--dtype", default="auto", help="auto (default: the fastest with drafting on this machine, "
-                     "printed with its reason), float32 (exact reference) or bfloat16")
-    serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    serve.add_argument("--kernels", choices=("auto", "eager", "packed"), default="auto",
-                       help="linear kernels: auto (measured; fp32 stays eager unless --dtype auto), eager, "
-                       "packed (oneDNN)")
-    serve.add_argument("--deterministic", action="store_true", help="batch- and tree-invariant kernels: the same "
-                       "request gets the same answer whatever it shares a forward with (slower forwards)")
+    add_engine_flags(serve)
     serve.add_argument("--no-draft", action="store_true", help="plain batched decoding, for comparison")
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     serve.add_argument("--max-cache-tokens", type=int, default=None, help="bound of the batch's KV cache in tokens "
