@@ -12,9 +12,9 @@ batched), `Engine.stream` and the server's decode thread. Each step
 
 Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when done) between steps.
 With `prefill_chunk`, a joining prompt is prefilled in chunks between the batch's forwards, each at
-most `prefill_chunk` tokens and, while other rows run, no dearer than their own step (read off the cost
-curve): a long prompt delays the running rows by about one step's time per step, not by its whole
-prefill. `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request
+most `prefill_chunk` tokens and, while other rows run, costing about their own step times the number of
+prefilling requests per running row (read off the cost curve): one long prompt delays the running rows by
+about one step's time per step, not by its whole prefill. `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request
 joins only while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
 leaves the others untouched.
@@ -133,15 +133,18 @@ class Decoder:
         return failed
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to prefill this step: a whole chunk while no row waits on it, else about what the
-        running rows' own step costs (the cost curve read at their last step's query tokens)."""
+        """Prompt tokens to prefill this step: a whole chunk while no row waits on it, else a chunk whose cost
+        (on the cost curve) is the running rows' own step cost times prefilling requests per running row:
+        time is shared between requests, not between the two phases, so one long prompt costs a running
+        row about one step per step while a crowd of new arrivals still gets prefilled at full speed."""
         chunk = self.prefill_chunk or 0
         if not self.rows:
             return chunk
         step_tokens = max(1, self.report.rows * (self.report.nodes_per_row + 1))
+        share = max(1.0, len(self.prefilling) / len(self.rows))
         if self.cost is None:
-            return max(PREFILL_MIN, min(chunk, 4 * step_tokens))
-        limit = self.cost(step_tokens)
+            return max(PREFILL_MIN, min(chunk, int(4 * step_tokens * share)))
+        limit = self.cost(step_tokens) * share
         tokens = PREFILL_MIN
         while tokens * 2 <= chunk and self.cost(tokens * 2) <= limit:
             tokens *= 2
