@@ -302,3 +302,21 @@ def test_a_joining_prompt_is_prefilled_in_chunks_no_dearer_than_the_running_rows
         decoder.step()
     assert alone.ids == hf_greedy(model, (BASE * 8)[:150], 30)
     assert joining.ids == hf_greedy(model, list(reversed(BASE * 4)), 4)
+
+
+def test_prefill_time_is_shared_per_request_not_per_phase():
+    """Three prompts waiting next to one running row get three times its step's cost in chunk (64 tokens on
+    this curve, not 32): a crowd of arrivals is not starved by one running row."""
+    from lookahead.decoding.cost import CostModel
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    decoder = engine.decoder(prefill_chunk=128)
+    decoder.cost = CostModel([1, 32, 64, 128], [1.0, 1.0, 2.5, 8.0])
+    decoder.cost.observe = lambda *args: None
+    decoder.add(engine.request([3, 4, 9], 40))
+    decoder.step()
+    decoder.step()
+    for p in (BASE * 4, list(reversed(BASE * 4)), (BASE * 4)[3:]):
+        decoder.add(engine.request(p, 4))
+    decoder.step()
+    assert len(decoder.prefilling) == 3 and sum(row.filled for row in decoder.prefilling) == 64
