@@ -14,8 +14,9 @@ Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when don
 With `prefill_chunk`, a joining prompt is prefilled in chunks between the batch's forwards, each at
 most `prefill_chunk` tokens and, while other rows run, costing about their own step times the number of
 prefilling requests per running row (read off the cost curve): one long prompt delays the running rows by
-about one step's time per step, not by its whole prefill. `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request
-joins only while rows x the longest row's final length stays within it (a request alone always runs).
+about one step's time per step, not by its whole prefill; the shortest waiting prompt goes first.
+`max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request joins only
+while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
 leaves the others untouched.
 """
