@@ -300,7 +300,7 @@ def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Mo
     (pack_linears if kind == PACKED else unpack_linears)(model)
     name = lambda m, k: f"{str(next(m.parameters()).dtype).removeprefix('torch.')} {k}"  # noqa: E731
     figures = ", ".join(f"{name(m, k)} ~{r:.0f}" for r, m, k, _ in measured)
-    exact = " (the exact mode)" if best is measured[0] and kind == EAGER else ""
+    exact = " (the exact mode)" if kind == EAGER and next(model.parameters()).dtype == torch.float32 else ""
     return model, f"{name(model, kind)} kernels{exact}: measured tok/s with drafting {figures}", cost
 
 
