@@ -196,6 +196,11 @@ def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_pa
             key = f"tiny-{params}" + ("-packed" if kind == "packed" else "")
             CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))
     monkeypatch.setattr("lookahead.decoding.cost.agrees", lambda cached, live: True)  # and still true now
+
+    def mark(kind):  # the choice is under test, not oneDNN (whose bf16 packing a CPU without bf16 lacks)
+        return lambda m: setattr(m, "_lookahead_kernels", kind)
+    monkeypatch.setattr("lookahead.engine.pack_linears", mark("packed"))
+    monkeypatch.setattr("lookahead.engine.unpack_linears", mark("eager"))
     model, reason, cost = _cpu_choice(model)
     assert next(model.parameters()).dtype == chosen and linear_kernels(model) == linears, reason
     assert "measured tok/s with drafting" in reason and cost.seconds[0] == curves[
