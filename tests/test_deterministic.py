@@ -104,3 +104,9 @@ def test_same_greedy_request_same_text_whatever_was_drafted_and_batched(dtype):
     undrafted = engine.generate(STORY, draft=False, **sample).token_ids
     batch = [engine.request(STORY, **sample), engine.request(NOISE[1], max_new_tokens=n)]
     assert alone == undrafted == engine.generate_batch(batch, progress=False)[0].token_ids
+
+
+def test_deterministic_mode_refuses_packed_kernels_by_name():
+    import lookahead
+    with pytest.raises(ValueError, match="deterministic mode runs its own invariant linear kernels"):
+        lookahead.load(deterministic=True, kernels="packed")

@@ -246,6 +246,10 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
     (and equals `draft=False` decoding on the same engine); forwards cost more (README)."""
     if kernels not in ("auto", EAGER, PACKED):
         raise ValueError("kernels must be 'auto', 'eager' or 'packed'")
+    if deterministic and kernels == PACKED:
+        raise ValueError("deterministic mode runs its own invariant linear kernels: kernels must be 'auto' or 'eager'")
+    if deterministic:
+        kernels = EAGER  # packed weights would be measured and kept, then never run
     device = device or default_device()
     cost, reason = None, "given"
     if dtype != "auto" or device.startswith("cuda"):
@@ -253,7 +257,7 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
         if dtype == "auto":
             reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
         half = next(model.parameters()).dtype == torch.bfloat16
-        if not deterministic and (kernels == PACKED or (kernels == "auto" and half and can_pack(model))):
+        if kernels == PACKED or (kernels == "auto" and half and can_pack(model)):
             options = [(model, PACKED)] if kernels == PACKED else [(model, EAGER), (model, PACKED)]
             model, reason, cost = _fastest(options)
     else:

@@ -119,15 +119,19 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out, None
 
 
-_seen: list = [None, None]  # (mask, its visible keys): every layer of a forward gets the same mask
+# (mask, its visible keys) of the last forward: every layer of a forward gets the same mask. One tuple,
+# rebound whole, so a reader on another thread never pairs one mask with another's keys.
+_last: tuple = (None, None)
 
 
 def _visible(mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[list[int | torch.Tensor]]:
     """Per row and query: the key indices it sees (an int n: the first n keys)."""
     if mask is None:  # causal over the cache, the queries being its last q positions
         return [[kv - q + i + 1 for i in range(q)] for _ in range(batch)]
-    if _seen[0] is mask:  # held, so its id cannot be reused by another tensor
-        return _seen[1]
+    global _last
+    last = _last
+    if last[0] is mask:  # held, so its id cannot be reused by another tensor
+        return last[1]
     seen = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).cpu()
     visible = []
     for b in range(batch):
@@ -137,7 +141,7 @@ def _visible(mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[lis
             n = len(index)
             rows.append(n if n and int(index[-1]) == n - 1 else index.to(mask.device))
         visible.append(rows)
-    _seen[:] = [mask, visible]
+    _last = (mask, visible)
     return visible
 
 

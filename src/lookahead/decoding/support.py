@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-MASKABLE_ATTENTION = {"eager", "sdpa", "flex_attention", "lookahead_invariant"}  # the last: decoding/invariant.py
+from .invariant import NAME as INVARIANT_ATTENTION
+
+MASKABLE_ATTENTION = {"eager", "sdpa", "flex_attention", INVARIANT_ATTENTION}
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 DYNAMIC_CACHES = {None, "dynamic"}
 # Families whose state is not a per-token KV cache (recurrent / hybrid); their state cannot
