@@ -128,6 +128,25 @@ def test_calibration_learns_the_acceptance_of_a_score():
     assert calib(0.95) < 0.15
 
 
+def test_a_cold_calibration_learns_from_rejections_in_any_bin_that_its_scores_are_optimistic():
+    calib = Calibration(cold=0.5)
+    assert calib(1.0) == pytest.approx(0.5)          # believed at half its score before any evidence
+    calib.observe([0.55] * 6, [False] * 6)           # rejections in another bin
+    assert calib(1.0) < 0.4                          # lower every bin, not only the one observed
+    trusting = Calibration()                         # cold = 1: the score itself until evidence
+    assert trusting(1.0) == pytest.approx(1.0)
+
+
+def test_a_cold_state_does_not_expect_a_prompt_copy_chain_to_be_accepted_whole():
+    """A prompt's n-gram seen once continues one way with trie probability 1.0 at every node; a cold
+    state believed such a 12-node chain would be accepted whole (12.0 expected tokens; measured: 1)."""
+    prompt = list(range(1, 14)) + [1]
+    state = DraftState(TokenTrie(max_match=1, window=16), sources=("prompt",))
+    tree = state.drafter(prompt).propose(prompt, Budget(12, 12))
+    assert tree.tokens[1:] == list(range(2, 14))
+    assert sum(tree.expected[1:]) < 1.5
+
+
 def test_drafter_records_per_source_acceptance():
     state = DraftState(TokenTrie(max_match=2, window=6), RecycleTable(32, 4))
     drafter = state.drafter([1, 2, 3, 4, 1, 2])

@@ -26,6 +26,9 @@ from .recycle import RecycleTable
 from .trie import TokenTrie
 
 SOURCES = ("prompt", "history", "recycle", "ngram")
+# A source's token is believed accepted (given its parent was) at half its own probability until
+# acceptance is observed: see calibration.py for what trusting cold scores cost.
+TRUST_COLD = 0.5
 FILE_FORMAT = "lookahead-draft-state"
 FILE_VERSION = "2"
 
@@ -57,7 +60,7 @@ class DraftState:
         if unknown or not self.sources:
             raise ValueError(f"unknown draft sources {sorted(unknown)}; choose from {SOURCES}")
         self.stats = {name: self.stats.get(name, SourceStats()) for name in self.sources}
-        self.trust = {name: self.trust.get(name, Calibration()) for name in self.sources}
+        self.trust = {name: self.trust.get(name, Calibration(cold=TRUST_COLD)) for name in self.sources}
 
     def drafter(self, prompt: list[int]):
         from .drafter import Drafter
@@ -138,19 +141,19 @@ class DraftState:
             else:
                 recycle = RecycleTable(vocab_size, recycle_k)
         calibration = _calibration(arrays, "calibration")
-        trust = {name: _calibration(arrays, f"trust.{name}") for name in sources}
+        trust = {name: _calibration(arrays, f"trust.{name}", TRUST_COLD) for name in sources}
         return cls(trie, recycle, tuple(sources), calibration or Calibration(),
                    {k: v for k, v in trust.items() if v is not None})
 
 
-def _calibration(arrays: dict[str, torch.Tensor], name: str) -> Calibration | None:
+def _calibration(arrays: dict[str, torch.Tensor], name: str, cold: float = 1.0) -> Calibration | None:
     if f"{name}.seen" not in arrays:
         return None
     seen, accepted = arrays[f"{name}.seen"].tolist(), arrays[f"{name}.accepted"].tolist()
     if (not isinstance(seen, list) or len(seen) != len(accepted) or not seen
             or any(not math.isfinite(s) or not 0 <= a <= s for s, a in zip(seen, accepted, strict=True))):
         raise ValueError(f"its {name} counts are invalid")
-    return Calibration(bins=len(seen), seen=seen, accepted=accepted)
+    return Calibration(bins=len(seen), cold=cold, seen=seen, accepted=accepted)
 
 
 def _digest(arrays: dict[str, torch.Tensor]) -> str:
