@@ -221,3 +221,21 @@ def test_the_guard_turns_drafting_back_on_when_a_trial_wins():
     assert kinds.count("off") >= 1
     policy.observe(Choice(8, "sized"), 1, 6, 5, 0.015)   # a copy: 6 tokens in 15 ms beats 10 ms per token
     assert not policy.drafting_loses(1)
+
+
+def test_a_lucky_trial_in_a_losing_stretch_is_outvoted_by_the_next_drafted_steps():
+    """One winning trial turns drafting back on; it counts as one sample, so when the text is still
+    unpredictable the drafted steps after it switch drafting off again within a few steps (5 here;
+    counted as GUARD_MIN samples, the lucky trial kept drafting on for 11)."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+    for _ in range(4):
+        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    while not (policy.plan(1) is None and policy.trial):
+        pass
+    policy.observe(Choice(8, "sized"), 1, 4, 3, 0.012)     # lucky: 4 tokens in 12 ms
+    assert not policy.drafting_loses(1)
+    for _ in range(5):                                     # then chat again: 1 token per 12 ms
+        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
+    assert policy.drafting_loses(1)

@@ -128,8 +128,10 @@ class SizingPolicy:
                 plain = self.speeds.get((self.batch_class(rows), False))
                 per_token = seconds / max(emitted / rows, 1e-9)
                 if drafted and plain and per_token * (1 - GUARD_MARGIN) < plain.per_token:
-                    # The text became predictable (e.g. a copy after chat): drafting wins now, back on at once.
-                    self.speeds[(self.batch_class(rows), True)] = _Speed(GUARD_MIN, per_token)
+                    # The text became predictable (e.g. a copy after chat): drafting wins now, back on at
+                    # once. The trial is one sample, not GUARD_MIN of them: the next drafted steps are
+                    # averaged with it equally, so a lucky trial in a losing stretch is outvoted at once.
+                    self.speeds[(self.batch_class(rows), True)] = _Speed(1, per_token)
                     self.trial_every = PROBE_EVERY
                 else:  # still losing: wait twice as long for the next trial
                     self.trial_every = min(2 * self.trial_every, PROBE_MAX)
