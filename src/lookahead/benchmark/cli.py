@@ -88,7 +88,7 @@ def _resolve_dtype(args: argparse.Namespace) -> None:
         args.dtype = DEFAULT_DTYPE
         args.dtype_reason = "default (auto: the engine's choice on this machine)"
     else:
-        args.dtype_reason = "given on the command line"
+        args.dtype_reason = f"--dtype {args.dtype} given on the command line"
 
 
 def _mkldnn_bf16() -> bool | None:

@@ -1,0 +1,58 @@
+"""One linear layer, rows M = 1..16: eager vs oneDNN-packed (`decoding/kernels.py`) vs torch.compile.
+
+    python bench/compile_linear.py float32 576x1536,1536x8960
+
+Answers whether compiled linears (inductor with weight freezing, default or max-autotune's C++ GEMM
+templates) would beat the packed kernels `kernels="auto"` already measures. Median of 30 calls each.
+"""
+import statistics
+import sys
+import time
+
+import torch
+import torch._dynamo
+import torch._inductor.config as inductor
+
+torch.set_num_threads(2)
+inductor.freezing = True  # weights become constants: inductor prepacks them, as packed kernels do
+torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 256  # one graph per M and shape
+ROWS = (1, 2, 4, 8, 16)
+
+
+def median_ms(fn, x: torch.Tensor, reps: int = 30) -> float:
+    for _ in range(5):
+        fn(x)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+@torch.no_grad()
+def main(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> None:
+    print("| shape | M | eager ms | packed ms | compiled ms | max-autotune ms |\n|---|---:|---:|---:|---:|---:|")
+    for k, n in shapes:
+        linear = torch.nn.Linear(k, n, bias=False).to(dtype).eval()
+        weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+        def packed(x, weight=weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+        compiled, took = {}, {}
+        for mode in ("default", "max-autotune"):
+            t = time.perf_counter()
+            compiled[mode] = torch.compile(linear, mode=None if mode == "default" else mode, dynamic=False)
+            for m in ROWS:
+                compiled[mode](torch.randn(m, k, dtype=dtype))
+            took[mode] = time.perf_counter() - t
+        for m in ROWS:
+            x = torch.randn(m, k, dtype=dtype)
+            ms = [median_ms(f, x) for f in (linear, packed, compiled["default"], compiled["max-autotune"])]
+            print(f"| {k}x{n} | {m} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
+        print(f"compile time for {len(ROWS)} row counts: " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
+
+
+if __name__ == "__main__":
+    main(getattr(torch, sys.argv[1]), [tuple(map(int, s.split("x"))) for s in sys.argv[2].split(",")])
