@@ -3,7 +3,8 @@
     python bench/compile_linear.py float32 576x1536,1536x8960
 
 Answers whether compiled linears (inductor with weight freezing, default or max-autotune's C++ GEMM
-templates) would beat the packed kernels `kernels="auto"` already measures. Median of 30 calls each.
+templates) would beat the packed kernels `kernels="auto"` already measures. Median of 30 calls each, the four
+kernels interleaved per round (`lookahead.timing`).
 """
 import statistics
 import sys
@@ -13,21 +14,18 @@ import torch
 import torch._dynamo
 import torch._inductor.config as inductor
 
+from lookahead.timing import interleaved, stopwatch
+
 torch.set_num_threads(2)
 inductor.freezing = True  # weights become constants: inductor prepacks them, as packed kernels do
 torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 256  # one graph per M and shape
 ROWS = (1, 2, 4, 8, 16)
 
 
-def median_ms(fn, x: torch.Tensor, reps: int = 30) -> float:
-    for _ in range(5):
-        fn(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def median_ms(kernels: dict, x: torch.Tensor) -> list[float]:
+    """Median milliseconds of each kernel on `x`, the kernels interleaved per round."""
+    runs = interleaved(list(kernels), lambda name: stopwatch(lambda: kernels[name](x), x.device), reps=30, warmup=5)
+    return [statistics.median(runs[name]) * 1e3 for name in kernels]
 
 
 @torch.no_grad()
@@ -47,9 +45,10 @@ def main(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> None:
             for m in ROWS:
                 compiled[mode](torch.randn(m, k, dtype=dtype))
             took[mode] = time.perf_counter() - t
+        kernels = {"eager": linear, "packed": packed, **compiled}
         for m in ROWS:
             x = torch.randn(m, k, dtype=dtype)
-            ms = [median_ms(f, x) for f in (linear, packed, compiled["default"], compiled["max-autotune"])]
+            ms = median_ms(kernels, x)
             print(f"| {k}x{n} | {m} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
         print(f"compile time for {len(ROWS)} row counts: " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
 
