@@ -334,9 +334,11 @@ def test_warm_answers_are_cached_on_disk(tiny_ctx, tmp_path, monkeypatch):
     assert [len(a) for _, a in warm_pairs(answers, items)] == [6, 6]
 
 
-def test_run_facts_record_the_machine(tiny_ctx):
+def test_run_facts_record_the_machine(tiny_ctx, monkeypatch):
     ctx, _ = tiny_ctx
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # e.g. an AVX2-only CPU emulated: said in the results
     facts = run_facts(ctx.model, "given on the command line")
+    assert facts["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and facts["aten_cpu_capability"]
     assert facts["threads"] == torch.get_num_threads() and facts["torch"] == torch.__version__
     assert (facts["device"], facts["torch_dtype"], facts["kernels"]) == ("cpu", "float32", "eager")
     assert facts["dtype_reason"] == "given on the command line" and facts["mkldnn_bf16"] in (True, False, None)

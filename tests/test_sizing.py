@@ -68,6 +68,17 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert poisoned.seconds == sorted(poisoned.seconds)  # the curve never says more tokens cost less
 
 
+def test_a_cap_on_the_instruction_sets_the_libraries_may_use_gets_its_own_cached_curves(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (or MKL's, ATen's cap) runs other kernels on the same CPU: a curve measured
+    without the cap must not be read with it."""
+    from lookahead.decoding.cost import ISA_CAPS, machine_key
+    for cap in ISA_CAPS:
+        monkeypatch.delenv(cap, raising=False)
+    plain = machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine_key() != plain
+
+
 def test_a_cached_curve_that_disagrees_with_live_forwards_is_measured_again(monkeypatch, tmp_path):
     """A curve cached while the machine was loaded (100x too slow) is not believed at the next start."""
     from lookahead.decoding.cost import cost_path, load_cost
@@ -241,3 +252,27 @@ def test_a_lucky_trial_in_a_losing_stretch_is_outvoted_by_the_next_drafted_steps
     for _ in range(5):                                     # then chat again: 1 token per 12 ms
         policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
     assert policy.drafting_loses(1)
+
+
+def test_rows_that_come_and_go_between_batch_sizes_still_get_the_guards_verdict():
+    """Under load a batch flips between 3 and 4 rows (two batch-size classes), so neither class alone
+    gathers GUARD_MIN plain steps for a long time; the guard judges all sizes pooled meanwhile."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2, 4, 8], [0.010, 0.011, 0.012, 0.016]))
+    for rows in (3, 4, 3, 4):                  # drafted steps 20 % slower per token than plain ones
+        policy.observe(Choice(1, "sized"), rows, rows, 0, 1.2 * policy.cost(rows))
+        policy.observe(Choice(0, "plain"), rows, rows, 0, policy.cost(rows))
+    assert policy.drafting_loses(3) and policy.drafting_loses(4)
+    assert policy.plan(4) == Choice(0, "off")
+
+
+def test_steps_of_different_batch_sizes_compare_in_units_of_a_plain_steps_cost():
+    """Plain steps seen only at 2 rows (10 ms a step), drafted ones only at 4 rows (a plain step there
+    costs 20 ms; drafted steps emit one token per row in 18 ms): drafting wins by 10 %, although raw
+    seconds per token (18 ms vs 10 ms) would say it loses."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2, 4], [0.008, 0.010, 0.020]))
+    for _ in range(4):
+        policy.observe(Choice(0, "plain"), 2, 2, 0, 0.010)
+        policy.observe(Choice(2, "sized"), 4, 4, 0, 0.018)
+    assert policy.advantage(4) == pytest.approx(20 / 18) and not policy.drafting_loses(2)

@@ -103,13 +103,18 @@ def _mkldnn_bf16() -> bool | None:
 def run_facts(model, dtype_reason: str) -> dict:
     """What decides kernel speed, for results.json: CPU and its flags, threads, versions, oneDNN bf16
     support, device, dtype and why that dtype."""
-    from ..decoding.cost import cpu_info
+    import torch
+
+    from ..decoding.cost import ISA_CAPS, cpu_info
     from ..decoding.invariant import is_invariant
     from ..decoding.kernels import linear_kernels
 
     param = next(model.parameters())
     return {"cpu_model": _cpu_model(), "cpu_flags": cpu_info()[1], "cores": os.cpu_count(),
             "threads": torch_threads(), **_versions(), "mkldnn_bf16": _mkldnn_bf16(),
+            # Instruction-set caps set for MKL / oneDNN / ATen (e.g. an AVX2-only CPU emulated), and ATen's pick.
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)},
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": str(param.device), "torch_dtype": str(param.dtype).removeprefix("torch."),
             "dtype_reason": dtype_reason,
             # Linear layers: eager F.linear, oneDNN-packed weights, or the deterministic mode's invariant tiles.

@@ -34,6 +34,9 @@ def _machine_line(meta: dict) -> str:
     facts = [f"{meta['machine']}{busy}"]
     if meta.get("cpu_flags") is not None:
         facts.append("flags " + (" ".join(meta["cpu_flags"]) or "none of avx/amx/fma/sse4"))
+    if meta.get("isa_caps"):
+        caps = " ".join(f"{k}={v}" for k, v in meta["isa_caps"].items())
+        facts.append(f"**instruction sets capped: {caps}** (ATen {meta.get('aten_cpu_capability', '?')})")
     if "threads" in meta:
         facts.append(f"{meta['threads']} torch threads")
     facts.append(f"torch {meta['torch']}, transformers {meta['transformers']}")

@@ -13,6 +13,7 @@ import bisect
 import hashlib
 import json
 import math
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,15 +159,21 @@ def cpu_info() -> tuple[str, list[str]]:
     return name, flags
 
 
+# Caps on the instruction sets MKL, oneDNN and ATen may use: they change kernel speed on the same CPU.
+ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def machine_key() -> str:
-    """CPU model and instruction-set flags (what decides kernel speed), torch version and threads."""
+    """CPU model and instruction-set flags (and any cap on those the libraries may use: what decides kernel
+    speed), torch version and threads."""
     name, cpu_flags = cpu_info()
     cpu, flags = platform.processor(), " ".join(cpu_flags)
     if not cpu.strip() and name:
         cpu = name
     if torch.cuda.is_available():
         cpu += " " + torch.cuda.get_device_name()
-    raw = f"{cpu}|{flags}|{torch.__version__}|t{torch.get_num_threads()}"
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
+    raw = f"{cpu}|{flags}|{torch.__version__}|t{torch.get_num_threads()}" + (f"|{caps}" if caps else "")
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 

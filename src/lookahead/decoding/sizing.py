@@ -15,9 +15,12 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
 - probes: when no draft pays, a small tree is still verified now and then (acceptance is only
   learned from verified nodes); a probe that wins nothing doubles the wait;
 - a guard on realised speed: now and then a drafting step is run plain, and the measured time per
-  emitted token of drafted and plain steps (per batch-size class) are compared. Where drafted steps
-  are slower, drafting is switched off; a drafted trial step now and then (the wait doubling after
-  each trial that still loses) turns it back on at once when the text changes (a copy after chat).
+  emitted token of drafted and plain steps are compared, per batch-size class once that class has
+  enough steps of each kind, else over all batch sizes pooled (under load rows come and go, and a
+  class alone may never gather enough). Times are kept in units of a plain step's cost for that
+  batch size on the curve, so steps of different sizes compare. Where drafted steps are slower,
+  drafting is switched off; a drafted trial step now and then (the wait doubling after each trial
+  that still loses) turns it back on at once when the text changes (a copy after chat).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ PROBE_EVERY, PROBE_NODES, PROBE_MAX = 8, 4, 64
 # One plain step in this many, to keep the guard's comparison current; rarer once drafting is
 # measured well ahead (each plain step gives up what drafting would have won).
 PLAIN_EVERY, PLAIN_EVERY_AHEAD, AHEAD = 8, 32, 1.3
-GUARD_MIN = 3         # steps of each kind a batch-size class needs before the guard may act
+GUARD_MIN = 3         # steps of each kind a batch-size class (or the pool) needs before the guard may act
+POOLED = None         # the speeds' key for all batch sizes together
 GUARD_MARGIN = 0.02   # drafted steps must be this much faster per token to stay on
 
 
@@ -64,18 +68,32 @@ class SizingPolicy:
     trial_every: int = PROBE_EVERY
     trial: bool = False             # this step is the guard's drafted trial
     steps: int = 0
-    speeds: dict[tuple[int, bool], _Speed] = field(default_factory=dict)  # (batch class, drafted) -> speed
+    # (batch class or POOLED, drafted) -> time per emitted token, in plain steps of that batch size
+    speeds: dict[tuple[int | None, bool], _Speed] = field(default_factory=dict)
 
     @staticmethod
     def batch_class(rows: int) -> int:
         return int(math.log2(max(rows, 1)))
 
+    def _unit(self, rows: int) -> float:
+        """A plain step's cost for `rows` rows on the curve (1 without one): the unit speeds are kept in."""
+        return self.cost(rows) if self.cost is not None else 1.0
+
+    def _judged(self, rows: int) -> tuple[_Speed, _Speed] | None:
+        """(drafted, plain) speeds the verdict for this batch size rests on: its class's own once both
+        have GUARD_MIN steps, else the pooled ones once those have (None: too few steps yet)."""
+        for key in (self.batch_class(rows), POOLED):
+            drafted, plain = self.speeds.get((key, True)), self.speeds.get((key, False))
+            if drafted and plain and min(drafted.steps, plain.steps) >= GUARD_MIN:
+                return drafted, plain
+        return None
+
     def advantage(self, rows: int) -> float | None:
         """Measured plain / drafted time per emitted token for this batch size (None: too few steps)."""
-        b = self.batch_class(rows)
-        drafted, plain = self.speeds.get((b, True)), self.speeds.get((b, False))
-        if not drafted or not plain or min(drafted.steps, plain.steps) < GUARD_MIN:
+        judged = self._judged(rows)
+        if judged is None:
             return None
+        drafted, plain = judged
         return plain.per_token / max(drafted.per_token, 1e-12)
 
     def drafting_loses(self, rows: int) -> bool:
@@ -123,15 +141,18 @@ class SizingPolicy:
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
             drafted = choice.kind in ("sized", "fixed")  # the drafting engine's steps, paid-off or not
-            self.speeds.setdefault((self.batch_class(rows), drafted), _Speed()).add(seconds, emitted / rows)
+            judged = self._judged(rows) if self.trial else None   # before this step is added
+            units, per_row = seconds / self._unit(rows), emitted / rows
+            for key in (self.batch_class(rows), POOLED):
+                self.speeds.setdefault((key, drafted), _Speed()).add(units, per_row)
             if self.trial:
-                plain = self.speeds.get((self.batch_class(rows), False))
-                per_token = seconds / max(emitted / rows, 1e-9)
-                if drafted and plain and per_token * (1 - GUARD_MARGIN) < plain.per_token:
+                per_token = units / max(per_row, 1e-9)
+                if drafted and judged and per_token * (1 - GUARD_MARGIN) < judged[1].per_token:
                     # The text became predictable (e.g. a copy after chat): drafting wins now, back on at
                     # once. The trial is one sample, not GUARD_MIN of them: the next drafted steps are
                     # averaged with it equally, so a lucky trial in a losing stretch is outvoted at once.
-                    self.speeds[(self.batch_class(rows), True)] = _Speed(1, per_token)
+                    for key in (self.batch_class(rows), POOLED):
+                        self.speeds[(key, True)] = _Speed(1, per_token)
                     self.trial_every = PROBE_EVERY
                 else:  # still losing: wait twice as long for the next trial
                     self.trial_every = min(2 * self.trial_every, PROBE_MAX)
