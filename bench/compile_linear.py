@@ -2,6 +2,9 @@
 
     python bench/compile_linear.py float32 576x1536,1536x8960
 
+(as on an AVX2-only CPU: prefix `MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`;
+there oneDNN has no bf16 kernels, so bf16 has no packed column.)
+
 Answers whether compiled linears (inductor with weight freezing, default or max-autotune's C++ GEMM
 templates) would beat the packed kernels `kernels="auto"` already measures. Median of 30 calls each, the four
 kernels interleaved per round (`lookahead.timing`).
@@ -33,11 +36,11 @@ def main(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> None:
     print("| shape | M | eager ms | packed ms | compiled ms | max-autotune ms |\n|---|---:|---:|---:|---:|---:|")
     for k, n in shapes:
         linear = torch.nn.Linear(k, n, bias=False).to(dtype).eval()
-        weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-
-        def packed(x, weight=weight):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
+        kernels = {"eager": linear}
+        if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():  # as `can_pack` decides
+            weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+            kernels["packed"] = lambda x, weight=weight: torch.ops.mkldnn._linear_pointwise(
+                x, weight, None, "none", [], "")
         compiled, took = {}, {}
         for mode in ("default", "max-autotune"):
             t = time.perf_counter()
@@ -45,11 +48,13 @@ def main(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> None:
             for m in ROWS:
                 compiled[mode](torch.randn(m, k, dtype=dtype))
             took[mode] = time.perf_counter() - t
-        kernels = {"eager": linear, "packed": packed, **compiled}
+        kernels.update(compiled)
         for m in ROWS:
             x = torch.randn(m, k, dtype=dtype)
-            ms = median_ms(kernels, x)
-            print(f"| {k}x{n} | {m} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
+            ms = dict(zip(kernels, median_ms(kernels, x), strict=True))
+            cells = (ms.get(name) for name in ("eager", "packed", "default", "max-autotune"))
+            print(f"| {k}x{n} | {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |",
+                  flush=True)
         print(f"compile time for {len(ROWS)} row counts: " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
 
 

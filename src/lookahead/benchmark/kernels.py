@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     title = f"{result['model']} · {result['cpu_model']} · {args.threads} threads"
+    caps = " ".join(f"{k}={v}" for k, v in result["isa_caps"].items())
     (out / "results.md").write_text(f"# Verify cost by dtype and kernels: {title}\n\n"
-                                    f"{args.context}-token cache, median of {args.reps} interleaved reps\n\n"
+                                    f"{args.context}-token cache, median of {args.reps} interleaved reps"
+                                    + (f"; instruction sets capped: {caps}" if caps else "") + "\n\n"
                                     + markdown(result))
     plot(out / "kernels.png", result, title)
     print(markdown(result))
