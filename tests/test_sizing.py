@@ -276,3 +276,29 @@ def test_steps_of_different_batch_sizes_compare_in_units_of_a_plain_steps_cost()
         policy.observe(Choice(0, "plain"), 2, 2, 0, 0.010)
         policy.observe(Choice(2, "sized"), 4, 4, 0, 0.018)
     assert policy.advantage(4) == pytest.approx(20 / 18) and not policy.drafting_loses(2)
+
+
+def test_the_guard_switches_drafting_off_when_drafted_steps_are_even_slightly_slower():
+    """No tolerance on the way off: drafted steps 1 % slower per token than plain ones lose."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2], [0.010, 0.011]))
+    for _ in range(4):
+        policy.observe(Choice(2, "sized"), 1, 1, 0, 0.0101)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.0100)
+    assert policy.drafting_loses(1)
+
+
+def test_plain_steps_feed_the_trie_but_do_not_pay_for_the_recycle_table():
+    """With drafting off (the guard's verdict) a step costs what a no-draft step costs: the recycle table's
+    top-k over the vocabulary is skipped; the trie still learns the output."""
+    from lookahead.decoding.sizing import Choice
+    learned = []
+    for new_tokens in (1, 12):
+        engine = Engine(tiny_model("llama", seed=1), IdTokenizer(), DraftConfig())
+        engine.sizing.plan = lambda rows: Choice(0, "off")
+        engine.generate(COPY, max_new_tokens=new_tokens)
+        learned.append(len(engine.state.trie))
+    assert not engine.state.recycle.probs.any() and learned[1] > learned[0]
+    engine.sizing.plan = lambda rows: None              # drafting on: the table learns
+    engine.generate(COPY, max_new_tokens=12)
+    assert engine.state.recycle.probs.any()

@@ -36,7 +36,9 @@ PROBE_EVERY, PROBE_NODES, PROBE_MAX = 8, 4, 64
 PLAIN_EVERY, PLAIN_EVERY_AHEAD, AHEAD = 8, 32, 1.3
 GUARD_MIN = 3         # steps of each kind a batch-size class (or the pool) needs before the guard may act
 POOLED = None         # the speeds' key for all batch sizes together
-GUARD_MARGIN = 0.02   # drafted steps must be this much faster per token to stay on
+# Drafting is switched off as soon as its steps are measured slower per token than plain ones (no tolerance:
+# the promise is never slower); a drafted trial must beat plain ones by this much to switch it back on.
+GUARD_MARGIN = 0.02
 
 
 @dataclass
@@ -99,7 +101,7 @@ class SizingPolicy:
     def drafting_loses(self, rows: int) -> bool:
         """The guard's verdict for this batch size: drafted steps measured slower than plain ones."""
         adv = self.advantage(rows)
-        return adv is not None and adv < 1 - GUARD_MARGIN
+        return adv is not None and adv < 1
 
     def plan(self, rows: int) -> Choice | None:
         """Before drafting: a plain step (the guard's own, or drafting switched off), else None: draft."""
@@ -111,7 +113,7 @@ class SizingPolicy:
         every = PLAIN_EVERY_AHEAD if adv is not None and adv > AHEAD else PLAIN_EVERY
         if self.steps % every == 0:
             return Choice(0, "plain")
-        if adv is not None and adv < 1 - GUARD_MARGIN:
+        if adv is not None and adv < 1:
             self.off += 1
             if self.off < self.trial_every:
                 return Choice(0, "off")

@@ -195,6 +195,7 @@ class Decoder:
         self.verifier.commit(paths)
         forward_s = t2 - t1
         total_emitted = accepted_draft = draft_nodes = 0
+        plain = choice.kind in ("plain", "off")
         for i, (row, tree, tokens) in enumerate(zip(rows, trees, emitted, strict=True)):
             request, stats = row.request, row.request.stats
             if request.error is not None:
@@ -202,7 +203,10 @@ class Decoder:
             t = time.perf_counter()
             kept = request.append(tokens)
             if row.drafter is not None:
-                row.drafter.observe(tokens, tree=tree, logits=logits[i], nodes=paths[i])
+                # A plain step (the guard's, or drafting off) feeds the trie but not the recycle table: its
+                # top-k over the vocabulary costs ~0.2-0.5 ms a row, which the no-draft loop the guard
+                # compares against (and a server without drafting) does not pay.
+                row.drafter.observe(tokens, tree=tree, logits=None if plain else logits[i], nodes=paths[i])
                 stats.sources = {name: (s.proposed, s.accepted) for name, s in row.drafter.stats.items()}
             total_emitted += len(tokens)
             accepted_draft += len(tokens) - 1
