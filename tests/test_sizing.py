@@ -323,3 +323,15 @@ def test_the_guards_trial_verifies_a_draft_even_where_the_calibration_says_it_wo
     policy.choose([chain([])])
     policy.observe(Choice(0, "sized"), 1, 1, 0, 0.010)                 # nothing was drafted to try
     assert policy.trial_every == waited and policy.plan(1) is None and policy.trial
+
+
+def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off():
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2, 16], [0.010, 0.020, 0.030]))
+    for _ in range(4):
+        policy.observe(Choice(2, "sized"), 1, 1, 0, 0.020)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    policy.trial_every = 64                          # after a long losing stretch
+    assert policy.plan(1).kind == "off"
+    policy.new_text()
+    assert policy.plan(1) is None and policy.trial

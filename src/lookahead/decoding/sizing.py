@@ -120,6 +120,12 @@ class SizingPolicy:
             self.off, self.trial = 0, True  # a drafted trial: the text may have become predictable
         return None
 
+    def new_text(self) -> None:
+        """A drafting request joined: its text may be predictable where the last one's was not (a code edit
+        after chat), so with drafting off the next step is a trial instead of waiting up to PROBE_MAX steps
+        (measured: a copy-heavy edit after chat prompts decoded its first 14 steps plain)."""
+        self.off = max(self.off, self.trial_every)
+
     def choose(self, trees: list[DraftTree]) -> Choice:
         """The cut for this step's trees (one per row; root-only where a row drafts nothing)."""
         if self.cost is None:

@@ -131,6 +131,8 @@ class Decoder:
             elif row.cache is None:  # joined the batch
                 self.prefilling.remove(row)
                 self.rows.append(row)
+                if row.drafter is not None:
+                    self.sizing.new_text()
         return failed
 
     def _prefill_budget(self) -> int:
