@@ -113,7 +113,9 @@ class SizingPolicy:
         every = PLAIN_EVERY_AHEAD if adv is not None and adv > AHEAD else PLAIN_EVERY
         if self.steps % every == 0:
             return Choice(0, "plain")
-        if adv is not None and adv < 1:
+        if adv is None or adv >= 1:
+            self.off = 0  # drafting is on: a joining request's early trial (new_text) is not owed later
+        else:
             self.off += 1
             if self.off < self.trial_every:
                 return Choice(0, "off")
