@@ -64,7 +64,7 @@ def cost_curve(model: torch.nn.Module, ids: list[int], context: int = 512, ks: S
             verifier.abort()
             return seconds
         x = torch.tensor([new[:k]], device=device)
-        return stopwatch(lambda: model(input_ids=x, past_key_values=cache, use_cache=True), device)
+        return stopwatch(lambda: model(input_ids=x, use_cache=True, **{verifier.cache_arg: cache}), device)
 
     runs = interleaved([(p, k) for p in paths for k in ks], timed, reps, warmup=warmup, seed=seed, progress=progress)
     times = {p: {k: runs[p, k] for k in ks} for p in paths}

@@ -6,6 +6,9 @@ rejected branch has pushed keys out of its window.
 """
 from __future__ import annotations
 
+import inspect
+
+import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -23,3 +26,9 @@ def check_cache(cache) -> None:
         kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
         raise UnsupportedModelError(
             f"cache layers {kinds} cannot be compacted by index; the model must use a plain DynamicCache")
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward's keyword for the KV cache: `cache` from transformers 5.24 on (where `past_key_values`
+    is deprecated, with a warning on every call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

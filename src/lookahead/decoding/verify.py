@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..tree import DraftTree
-from .kv import check_cache, new_cache
+from .kv import cache_argument, check_cache, new_cache
 from .support import ModelBound
 
 
@@ -40,6 +40,7 @@ class Verifier(ModelBound):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
+        self.cache_arg = cache_argument(model)
         self.cache: DynamicCache = new_cache()
         self.keys: list[Hashable] = []   # row order == batch index
         self.past: list[int] = []        # committed tokens in each row's cache
@@ -64,8 +65,8 @@ class Verifier(ModelBound):
         prefilled a chunk at a time between the batch's steps."""
         row = new_cache() if row is None else row
         if ids:
-            self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=row,
-                       use_cache=True, logits_to_keep=1)
+            self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True, logits_to_keep=1,
+                       **{self.cache_arg: row})
             check_cache(row)
         return row
 
@@ -169,8 +170,8 @@ class Verifier(ModelBound):
         if self._step is not None:
             raise RuntimeError("commit the previous step first")
         input_ids, positions, mask = self.inputs(trees)
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         **{self.cache_arg: self.cache})
         if not self.keys or not self.cache.layers:
             raise RuntimeError("the model did not fill the KV cache")
         self._step = (self.length, input_ids.shape[1], [len(t) for t in trees])
