@@ -352,3 +352,19 @@ def test_run_facts_record_the_machine(tiny_ctx, monkeypatch):
     args = argparse.Namespace(dtype=None)
     _resolve_dtype(args)
     assert args.dtype == "auto" and args.dtype_reason.startswith("default")
+
+
+def test_the_oracle_learns_the_answer_its_own_loop_emits(tiny_ctx):
+    """Where tree-verified forwards part from plain ones (bf16, packed kernels: a near-tie), a plain answer is
+    wrong from there on. Simulated with a plain answer wrong at one place: `prepare` keeps the token the loop
+    chose, decodes on from it and checks again, so the timed run drafts what it will emit, all accepted."""
+    ctx, items = tiny_ctx
+    ids = items[1].ids
+    engine = Engine(ctx.model, ctx.engine.tokenizer, parse_method("oracle-L4").draft_config, state=OracleState())
+    truth = OracleState.plain(engine, ids, 12)
+    wrong = truth[:5] + [(truth[5] + 1) % 32] + truth[6:]
+    engine.state.prepare(engine, ids, 12, plain=wrong)
+    key = (tuple(ids), 12)
+    assert engine.state.answers[key] == truth and engine.state.rounds[key] == 2
+    out = engine.generate(ids, max_new_tokens=12)
+    assert out.token_ids == truth and out.stats.steps == -(-len(truth) // 5)   # every chain of 4 accepted whole

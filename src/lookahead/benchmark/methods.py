@@ -124,7 +124,8 @@ class Context:
     # would have: the prompt's last max_match tokens (the lead-in), then the answer
     warm_corpus: list[tuple[list[int], list[int]]] = field(default_factory=list)
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
-    oracle: OracleState = field(default_factory=OracleState)  # the plain answers, shared by every oracle-LN
+    oracles: dict[str, OracleState] = field(default_factory=dict)  # per oracle-LN: the answers its loop emits
+    plain_answers: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # draft=False, by prompt
     _engines: dict = field(default_factory=dict)
     _sizings: dict = field(default_factory=dict)
 
@@ -237,8 +238,12 @@ def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     if ctx.sampling:  # a sampled answer is not known in advance: drafting changes which draws are made
         raise ValueError(f"method {spec.name!r} is greedy only (drop --sampling or the oracle)")
     # Its own engine (the oracle as drafting state, the spec's chain length) on the shared model.
-    engine = Engine(ctx.model, ctx.engine.tokenizer, spec.draft_config, state=ctx.oracle)
-    ctx.oracle.prepare(engine, ids, ctx.max_new_tokens)  # untimed: the answer is the oracle's knowledge
+    state = ctx.oracles.setdefault(spec.name, OracleState())
+    engine = Engine(ctx.model, ctx.engine.tokenizer, spec.draft_config, state=state)
+    key = tuple(ids)
+    if key not in ctx.plain_answers:
+        ctx.plain_answers[key] = OracleState.plain(engine, ids, ctx.max_new_tokens)
+    state.prepare(engine, ids, ctx.max_new_tokens, ctx.plain_answers[key])  # untimed: the oracle's knowledge
     return _run_engine(ctx, spec, engine, ids)
 
 
