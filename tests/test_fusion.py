@@ -256,3 +256,20 @@ def test_a_resume_point_waits_inside_the_draft_while_it_goes_through_an_insertio
     index.extend([5, 6, 7, 8, 9, 10, 11, 12] + [5, 6, 7, 8, 60])   # the copy broke at 60 (the source had 9)
     cursor = index.cursor().child(61)                   # a draft token the source does not have
     assert cursor is not None and 9 in [t for t, _ in cursor.next(4)]
+
+
+def test_ngram_index_tells_how_long_the_output_has_been_copying():
+    """`copy_run`: tokens copied in a row from one place of the context; trusted (`copying`) from MIN_RUN on,
+    0 once the copy breaks, MIN_RUN again where the output lines up after an edit. The guard reads it."""
+    from lookahead.drafting.ngram import MIN_RUN
+    index = NgramIndex(max_ngram=3)
+    index.extend([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 40])
+    assert index.copy_run == 0 and not index.copying
+    index.extend([5, 6, 7])                             # a suffix seen before: followed, not yet trusted
+    assert 0 < index.copy_run < MIN_RUN and not index.copying
+    index.extend([8, 9, 10, 11])
+    assert index.copy_run == 7 and index.copying
+    index.extend([50])                                  # an edit: the copy breaks
+    assert index.copy_run == 0 and not index.copying
+    index.extend([13])                                  # lines up again after a substitution
+    assert index.copy_run == MIN_RUN and index.copying

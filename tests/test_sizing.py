@@ -5,6 +5,7 @@ so "drafting loses" and "drafting wins" are facts of the run, not of a stub.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -101,6 +102,7 @@ def slow_forward(model, base_s: float, per_token_s: float = 0.0, per_token2_s: f
     first: a cost curve we control, far above the tiny model's own time."""
     forward = model.forward
 
+    @functools.wraps(forward)  # keeps the signature: the verifier reads the cache keyword from it
     def timed(*args, **kwargs):
         t = kwargs.get("input_ids", args[0] if args else None).numel()
         time.sleep(base_s + per_token_s * t + per_token2_s * t * t)
@@ -295,11 +297,11 @@ def test_plain_steps_feed_the_trie_but_do_not_pay_for_the_recycle_table():
     learned = []
     for new_tokens in (1, 12):
         engine = Engine(tiny_model("llama", seed=1), IdTokenizer(), DraftConfig())
-        engine.sizing.plan = lambda rows: Choice(0, "off")
+        engine.sizing.plan = lambda rows, copy_run=0: Choice(0, "off")
         engine.generate(COPY, max_new_tokens=new_tokens)
         learned.append(len(engine.state.trie))
     assert not engine.state.recycle.probs.any() and learned[1] > learned[0]
-    engine.sizing.plan = lambda rows: None              # drafting on: the table learns
+    engine.sizing.plan = lambda rows, copy_run=0: None              # drafting on: the table learns
     engine.generate(COPY, max_new_tokens=12)
     assert engine.state.recycle.probs.any()
 
@@ -335,3 +337,41 @@ def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off():
     assert policy.plan(1).kind == "off"
     policy.new_text()
     assert policy.plan(1) is None and policy.trial
+
+
+def test_a_row_that_copies_its_context_gets_a_trial_while_drafting_is_off():
+    """With drafting off after a long losing stretch, a row copying COPY_TRIAL tokens in a row (the text became
+    predictable) gets a trial after PROBE_EVERY off steps instead of PROBE_MAX; a short run does not."""
+    from lookahead.decoding.sizing import COPY_TRIAL, PROBE_MAX, Choice
+    policy = SizingPolicy(cost=CostModel([1, 2, 16], [0.010, 0.020, 0.030]))
+    for _ in range(4):
+        policy.observe(Choice(2, "sized"), 1, 1, 0, 0.020)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    policy.trial_every = PROBE_MAX
+
+    def steps_to_trial(copy_run: int) -> int:
+        policy.off = 0
+        for step in range(1, 2 * PROBE_MAX):
+            if policy.plan(1, copy_run) is None and policy.trial:
+                return step
+        raise AssertionError("no trial")
+
+    assert steps_to_trial(COPY_TRIAL - 1) > PROBE_MAX - 1                 # the plain steps come on top
+    assert PROBE_MAX // 4 <= steps_to_trial(COPY_TRIAL) <= PROBE_MAX // 4 + 1
+
+
+def test_the_guards_plain_step_waits_while_a_row_is_copying():
+    """A plain step inside a copy gives up a whole chain; it is taken later (at most twice its period)."""
+    from lookahead.decoding.sizing import MIN_RUN, PLAIN_EVERY
+    for copy_run, first in ((0, PLAIN_EVERY), (MIN_RUN, 2 * PLAIN_EVERY)):
+        policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+        plans = [policy.plan(1, copy_run) for _ in range(2 * PLAIN_EVERY)]
+        assert [i + 1 for i, p in enumerate(plans) if p is not None][0] == first, (copy_run, plans)
+
+
+def test_steps_of_requests_that_do_not_draft_are_plain_steps_for_the_guard():
+    """draft=False requests never draft: their steps must not be counted as drafted ones (they would make
+    drafting look as cheap as plain decoding)."""
+    engine = Engine(tiny_model("llama", seed=1), IdTokenizer(), DraftConfig(), cost=CostModel([1, 2], [1.0, 1.0]))
+    engine.generate(COPY, max_new_tokens=12, draft=False)
+    assert engine.sizing.speeds and not any(drafted for _, drafted in engine.sizing.speeds)

@@ -20,13 +20,17 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
   class alone may never gather enough). Times are kept in units of a plain step's cost for that
   batch size on the curve, so steps of different sizes compare. Where drafted steps are slower,
   drafting is switched off; a drafted trial step now and then (the wait doubling after each trial
-  that still loses) turns it back on at once when the text changes (a copy after chat).
+  that still loses) turns it back on at once when the text changes (a copy after chat). A request
+  joining, or a row copying its context for COPY_TRIAL tokens in a row, calls a trial sooner. The
+  guard's own plain steps wait while a row is copying (up to twice their period): a plain step costs
+  the most there, and its time does not depend on the text, so the comparison stays fair.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from ..drafting.ngram import MIN_RUN
 from ..tree import DraftTree
 from .cost import CostModel
 
@@ -39,6 +43,11 @@ POOLED = None         # the speeds' key for all batch sizes together
 # Drafting is switched off as soon as its steps are measured slower per token than plain ones (no tolerance:
 # the promise is never slower); a drafted trial must beat plain ones by this much to switch it back on.
 GUARD_MARGIN = 0.02
+# With drafting off, a row that has copied this many tokens in a row gets a trial sooner (at most one in
+# max(PROBE_EVERY, trial_every / 4) steps). Measured: a summary turned into a repeated log at token 46 and
+# drafting stayed off to token 116; a copy 4 tokens long can still be the wrong one (the first trial there,
+# 4 tokens into the copy, followed "[" to "2023" where the log went on "[POP3]").
+COPY_TRIAL = 2 * MIN_RUN
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Choice:
     """This step's decision: draft nodes per row (None: the whole trees), and why."""
     nodes: int | None
     kind: str   # "sized" | "fixed" | "probe" | "plain" (a guard step) | "off" (the guard switched drafting off)
+    #             | "undrafted" (no row may draft: requests with draft=False; a plain step for the guard)
 
 
 @dataclass
@@ -69,7 +79,7 @@ class SizingPolicy:
     off: int = 0                    # consecutive steps the guard kept drafting off
     trial_every: int = PROBE_EVERY
     trial: bool = False             # this step is the guard's drafted trial
-    steps: int = 0
+    since_plain: int = 0            # steps since the guard's last plain step
     # (batch class or POOLED, drafted) -> time per emitted token, in plain steps of that batch size
     speeds: dict[tuple[int | None, bool], _Speed] = field(default_factory=dict)
 
@@ -103,21 +113,24 @@ class SizingPolicy:
         adv = self.advantage(rows)
         return adv is not None and adv < 1
 
-    def plan(self, rows: int) -> Choice | None:
-        """Before drafting: a plain step (the guard's own, or drafting switched off), else None: draft."""
-        self.steps += 1
+    def plan(self, rows: int, copy_run: int = 0) -> Choice | None:
+        """Before drafting: a plain step (the guard's own, or drafting switched off), else None: draft.
+        `copy_run`: the longest run of tokens a row has just copied from its context (predictable text)."""
         self.trial = False
         if not self.guard:
             return None
         adv = self.advantage(rows)
         every = PLAIN_EVERY_AHEAD if adv is not None and adv > AHEAD else PLAIN_EVERY
-        if self.steps % every == 0:
+        self.since_plain += 1
+        if self.since_plain >= (2 * every if copy_run >= MIN_RUN else every):
+            self.since_plain = 0
             return Choice(0, "plain")
         if adv is None or adv >= 1:
             self.off = 0  # drafting is on: a joining request's early trial (new_text) is not owed later
         else:
             self.off += 1
-            if self.off < self.trial_every:
+            copying = copy_run >= COPY_TRIAL and self.off >= max(PROBE_EVERY, self.trial_every // 4)
+            if self.off < self.trial_every and not copying:
                 return Choice(0, "off")
             self.off, self.trial = 0, True  # a drafted trial: the text may have become predictable
         return None

@@ -175,7 +175,10 @@ class Decoder:
     def _decode(self) -> list[Request]:
         rows = self.rows
         t0 = time.perf_counter()
-        plan = self.sizing.plan(len(rows))
+        if any(row.drafter is not None for row in rows):
+            plan = self.sizing.plan(len(rows), max(row.drafter.copy_run for row in rows if row.drafter is not None))
+        else:  # nothing may draft (draft=False): a plain step, and what the guard's plain speed is
+            plan = Choice(0, "undrafted")
         trees, draft_s = self._draft(plan)
         # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
         choice = plan if plan is not None else self.sizing.choose(trees)
@@ -197,7 +200,7 @@ class Decoder:
         self.verifier.commit(paths)
         forward_s = t2 - t1
         total_emitted = accepted_draft = draft_nodes = 0
-        plain = choice.kind in ("plain", "off")
+        plain = choice.kind in ("plain", "off", "undrafted")
         for i, (row, tree, tokens) in enumerate(zip(rows, trees, emitted, strict=True)):
             request, stats = row.request, row.request.stats
             if request.error is not None:

@@ -3,7 +3,8 @@
 Two calls, the whole contract with decoding: `propose(context, budget) -> DraftTree` (the whole
 best-first tree within the budget, each node with its calibrated acceptance probability in
 `tree.expected`, so the sizing policy can cut it) and `observe(tokens, tree, logits, nodes)` (the
-verified tree, possibly cut, its logits and the accepted node indices).
+verified tree, possibly cut, its logits and the accepted node indices). One read-only hint tells the
+sizing policy's guard that the text is predictable without building a tree: `copy_run`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class Drafter:
             self.ngram.extend(prompt)
         self.last: ScoredTree | None = None
         self.stats = {name: SourceStats() for name in state.sources}  # this request's share of state.stats
+
+    @property
+    def copy_run(self) -> int:
+        """Tokens the output has just copied in a row from its context (0: not copying)."""
+        return self.ngram.copy_run if self.ngram is not None else 0
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
         state, trust = self.state, self.state.trust

@@ -69,12 +69,22 @@ class NgramIndex:
             self.broken, self.since_break = self.copy, 0
         self.copy, self.run = None, 0
 
+    @property
+    def copy_run(self) -> int:
+        """Tokens the output has copied in a row from one place of its context (0: not copying)."""
+        return self.run if self.copy is not None else 0
+
+    @property
+    def copying(self) -> bool:
+        """The output is copying a stretch of its context (a trusted copy pointer)."""
+        return self.copy_run >= MIN_RUN
+
     def cursor(self) -> ChainCursor | None:
         """Chains from the copy pointer, the resume points of a recent edit and the continuation of the
         longest context suffix seen before; None if there is none."""
         ctx = self.context
         chains: list[Chain] = []
-        if self.copy is not None and self.run >= MIN_RUN:
+        if self.copying:
             chains.append((self.copy, COPY_P, FOLLOW, False))
         if self.broken is not None:
             chains += [(self.broken, RESUME_P, FOLLOW, True), (self.broken + 1, SUBSTITUTE_P, FOLLOW, True)]
