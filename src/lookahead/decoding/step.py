@@ -175,10 +175,9 @@ class Decoder:
     def _decode(self) -> list[Request]:
         rows = self.rows
         t0 = time.perf_counter()
-        if any(row.drafter is not None for row in rows):
-            plan = self.sizing.plan(len(rows), max(row.drafter.copy_run for row in rows if row.drafter is not None))
-        else:  # nothing may draft (draft=False): a plain step, and what the guard's plain speed is
-            plan = Choice(0, "undrafted")
+        copy_runs = [row.drafter.copy_run for row in rows if row.drafter is not None]
+        # Where nothing may draft (draft=False) the step is plain, and what the guard's plain speed is.
+        plan = self.sizing.plan(len(rows), max(copy_runs)) if copy_runs else Choice(0, "undrafted")
         trees, draft_s = self._draft(plan)
         # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
         choice = plan if plan is not None else self.sizing.choose(trees)
