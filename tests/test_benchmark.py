@@ -356,8 +356,9 @@ def test_run_facts_record_the_machine(tiny_ctx, monkeypatch):
 
 def test_the_oracle_learns_the_answer_its_own_loop_emits(tiny_ctx):
     """Where tree-verified forwards part from plain ones (bf16, packed kernels: a near-tie), a plain answer is
-    wrong from there on. Simulated with a plain answer wrong at one place: `prepare` keeps the token the loop
-    chose, decodes on from it and checks again, so the timed run drafts what it will emit, all accepted."""
+    wrong from there on. Simulated with a plain answer wrong at one place: `prepare` takes what the oracle's loop
+    emitted as the next answer and runs again until the two agree, so the timed run drafts what it will emit,
+    all accepted."""
     ctx, items = tiny_ctx
     ids = items[1].ids
     engine = Engine(ctx.model, ctx.engine.tokenizer, parse_method("oracle-L4").draft_config, state=OracleState())

@@ -82,8 +82,6 @@ class OracleState:
     @staticmethod
     def plain(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         """`engine`'s own greedy continuation without drafting."""
-        if max_new_tokens <= 0:
-            return []
         return list(engine.generate(list(prompt), max_new_tokens=max_new_tokens, draft=False).token_ids)
 
     def drafter(self, prompt: Sequence[int]) -> OracleDrafter:
