@@ -7,8 +7,9 @@ Run in the vLLM environment (`bash install.sh vllm`; suffix decoding also needs 
 The prompts are `lookahead bench`'s (test split, same categories). Every method has its own engine,
 all alive at once; each prompt (concurrency 1) and each batch (concurrency 8) runs on every method in
 turn, the order rotating, so machine drift hits all methods alike. Greedy, so each method's tokens are
-compared with no speculation's. Each engine runs in a process of its own. Acceptance comes from vLLM's own counters: a request-step emits one
-token of the model's own plus the accepted drafts, so tokens/step = generated / (generated - accepted).
+compared with no speculation's. Each engine runs in a process of its own. Acceptance comes from vLLM's
+own counters: a request-step emits one token of the model's own plus the accepted drafts, so
+tokens/step = generated / (generated - accepted).
 """
 from __future__ import annotations
 
@@ -125,12 +126,16 @@ def markdown(results: dict) -> str:
     lines = [f"# Inside vLLM {meta['vllm']}: {meta['model']} ({meta['dtype']}, greedy)", "",
              f"`{meta['command']}`", "",
              f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {', '.join(cpu['flags'])}. "
-             f"1-min load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} at the end. "
-             f"concurrency 1: {meta['prompts']} prompts ({meta['limit']} per category, test split), {meta['max_new_tokens']} new tokens, "
-             f"concurrency 8: {meta['batches']} batches of 8 other prompts (2 per category); each prompt runs once per method; vLLM in eager mode (`enforce_eager`), {meta['threads']}.", "",
+             f"1-min load average {meta['load_average'][0]:.1f} at the start, "
+             f"{meta['load_average'][1]:.1f} at the end. "
+             f"concurrency 1: {meta['prompts']} prompts ({meta['limit']} per category, test split), "
+             f"{meta['max_new_tokens']} new tokens, "
+             f"concurrency 8: {meta['batches']} batches of 8 other prompts (2 per category); each prompt runs once "
+             f"per method; vLLM in eager mode (`enforce_eager`), {meta['threads']}.", "",
              "Speedup over vLLM without speculation (concurrency 1: geometric mean of per-prompt tokens/s ratios; "
              "concurrency 8: each batch of 8 submitted at once, geometric mean over batches):", "",
-             "| method | " + " | ".join(CATEGORIES) + " | all (c=1) | c=8 | tokens/step (c=1 per category) | same tokens |",
+             "| method | " + " | ".join(CATEGORIES)
+             + " | all (c=1) | c=8 | tokens/step (c=1 per category) | same tokens |",
              "|---|" + "---:|" * (len(CATEGORIES) + 3) + "---|"]
     for m, row in summary.items():
         c1 = row["concurrency_1"]
@@ -170,7 +175,8 @@ def plot(path: Path, results: dict) -> None:
         values.append(row["concurrency_8"]["speedup"] or 0)
         ax.bar([g + i * width for g in range(len(groups))], values, width, label=m)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [f"{c}\n(c=1)" for c in CATEGORIES] + ["all\n(c=8)"])
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
+                  [f"{c}\n(c=1)" for c in CATEGORIES] + ["all\n(c=8)"])
     ax.set_ylabel("speedup over no speculation")
     ax.set_title(f"vLLM {results['meta']['vllm']} on CPU, {results['meta']['model']} {results['meta']['dtype']}")
     ax.legend(fontsize=8)

@@ -80,6 +80,22 @@ def test_a_cap_on_the_instruction_sets_the_libraries_may_use_gets_its_own_cached
     assert machine_key() != plain
 
 
+def test_cpus_a_vm_names_alike_are_told_apart_by_family_and_model(tmp_path):
+    """Two VMs both called "AMD EPYC" (a Zen 3 with AVX2 only, a Zen 4 with AVX-512 bf16) must not share
+    cached cost curves, and benchmark results must say which one ran."""
+    from lookahead.decoding.cost import cpu_info
+
+    def info(model: str, flags: str) -> tuple[str, list[str]]:
+        block = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
+                 f"model name\t: AMD EPYC\nflags\t\t: fpu {flags} sse4_2\n\n")
+        (tmp_path / "cpuinfo").write_text(block.format(0) + block.format(1))
+        return cpu_info(tmp_path / "cpuinfo")
+
+    assert info("1", "avx2 fma") == ("AMD EPYC (family 25 model 1)", ["avx2", "fma", "sse4_2"])
+    assert info("17", "avx2 avx512_bf16")[0] == "AMD EPYC (family 25 model 17)"
+    assert cpu_info(tmp_path / "missing") == ("", [])
+
+
 def test_a_cached_curve_that_disagrees_with_live_forwards_is_measured_again(monkeypatch, tmp_path):
     """A curve cached while the machine was loaded (100x too slow) is not believed at the next start."""
     from lookahead.decoding.cost import cost_path, load_cost

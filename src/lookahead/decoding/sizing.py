@@ -69,6 +69,11 @@ class Choice:
     kind: str   # "sized" | "fixed" | "probe" | "plain" (a guard step) | "off" (the guard switched drafting off)
     #             | "undrafted" (no row may draft: requests with draft=False; a plain step for the guard)
 
+    @property
+    def plain(self) -> bool:
+        """No draft was verified: the kind of step the guard compares drafting against."""
+        return self.kind in ("plain", "off", "undrafted")
+
 
 @dataclass
 class SizingPolicy:
@@ -165,7 +170,7 @@ class SizingPolicy:
             self.probe_every = PROBE_EVERY if accepted_draft else min(2 * self.probe_every, PROBE_MAX)
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
-            drafted = choice.kind in ("sized", "fixed")  # the drafting engine's steps, paid-off or not
+            drafted = not choice.plain  # the drafting engine's steps, paid-off or not
             judged = self._judged(rows) if self.trial else None   # before this step is added
             units, per_row = seconds / self._unit(rows), emitted / rows
             for key in (self.batch_class(rows), POOLED):

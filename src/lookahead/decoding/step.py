@@ -199,7 +199,7 @@ class Decoder:
         self.verifier.commit(paths)
         forward_s = t2 - t1
         total_emitted = accepted_draft = draft_nodes = 0
-        plain = choice.kind in ("plain", "off", "undrafted")
+        plain = choice.plain
         for i, (row, tree, tokens) in enumerate(zip(rows, trees, emitted, strict=True)):
             request, stats = row.request, row.request.stats
             if request.error is not None:
