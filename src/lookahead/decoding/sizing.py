@@ -43,13 +43,10 @@ POOLED = None         # the speeds' key for all batch sizes together
 # Drafting is switched off as soon as its steps are measured slower per token than plain ones (no tolerance:
 # the promise is never slower); a drafted trial must beat plain ones by this much to switch it back on.
 GUARD_MARGIN = 0.02
-# With drafting off, a row that has copied this many tokens in a row gets a trial sooner: at most one in
-# PROBE_EVERY steps, whatever the time-based wait has doubled to, since that wait was earned by earlier text
-# (another request's, too). Measured: a summary turned into a repeated log at token 46 and drafting stayed
-# off to token 116; a copy 4 tokens long can still be the wrong one (the first trial there, 4 tokens into
-# the copy, followed "[" to "2023" where the log went on "[POP3]"); a code edit (Qwen2.5-Coder-1.5B, AMD
-# EPYC Zen 3) after a summary that had switched drafting off decoded its first 19 tokens one a step, the
-# copy trial waiting for trial_every / 4 = 16 off steps, while prompt lookup copied 10 tokens a step there.
+# With drafting off, a row that has copied this many tokens in a row gets a trial sooner (at most one in
+# max(PROBE_EVERY, trial_every / 4) steps). Measured: a summary turned into a repeated log at token 46 and
+# drafting stayed off to token 116; a copy 4 tokens long can still be the wrong one (the first trial there,
+# 4 tokens into the copy, followed "[" to "2023" where the log went on "[POP3]").
 COPY_TRIAL = 2 * MIN_RUN
 
 
@@ -137,7 +134,7 @@ class SizingPolicy:
             self.off = 0  # drafting is on: a joining request's early trial (new_text) is not owed later
         else:
             self.off += 1
-            copying = copy_run >= COPY_TRIAL and self.off >= PROBE_EVERY
+            copying = copy_run >= COPY_TRIAL and self.off >= max(PROBE_EVERY, self.trial_every // 4)
             if self.off < self.trial_every and not copying:
                 return Choice(0, "off")
             self.off, self.trial = 0, True  # a drafted trial: the text may have become predictable
