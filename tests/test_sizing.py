@@ -86,9 +86,9 @@ def test_cpus_a_vm_names_alike_are_told_apart_by_family_and_model(tmp_path):
     from lookahead.decoding.cost import cpu_info
 
     def info(model: str, flags: str) -> tuple[str, list[str]]:
-        block = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
-                 f"model name\t: AMD EPYC\nflags\t\t: fpu {flags} sse4_2\n\n")
-        (tmp_path / "cpuinfo").write_text(block.format(0) + block.format(1))
+        (tmp_path / "cpuinfo").write_text("".join(  # two processors: the second repeats the first
+            f"processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
+            f"model name\t: AMD EPYC\nflags\t\t: fpu {flags} sse4_2\n\n" for n in (0, 1)))
         return cpu_info(tmp_path / "cpuinfo")
 
     assert info("1", "avx2 fma") == ("AMD EPYC (family 25 model 1)", ["avx2", "fma", "sse4_2"])
