@@ -280,7 +280,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lookahead.server.loadtest", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="as `lookahead serve --dtype` (auto: measured choice)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--modes", nargs="+", default=["adaptive", "plain", "fixed"], choices=sorted(MODES))
