@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..decoding.kernels import linear_kernels
 from ..decoding.sampling import SamplingParams
 from ..decoding.step import MAX_CACHE_TOKENS
 from ..drafting.state import StateFileError
@@ -474,6 +475,10 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         metrics.count(route_label(request), 200)
         return model_card()
 
+    # What `--dtype auto` chose here, and why: a benchmark of this server reports what ran, not "auto".
+    numerics = {"dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+                "kernels": linear_kernels(engine.model), "reason": engine.dtype_reason}
+
     def policy_info() -> dict[str, Any]:
         cfg, sizing = engine.draft_config, engine.sizing
         info: dict[str, Any] = {"max_nodes": cfg.max_nodes, "max_depth": cfg.max_depth, "sizing": cfg.sizing}
@@ -489,7 +494,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         body: dict[str, Any] = {"status": "ok" if ok else "error"}
         if not protect_ops or authorized(request):  # protected: liveness only, without the key
             body.update(model=model_name, decode_thread=ok, batch=scheduler.active, queue=scheduler.queue_depth,
-                        trie_nodes=len(engine.state.trie), trie=trie_status, drafting=draft, draft_policy=policy_info())
+                        trie_nodes=len(engine.state.trie), trie=trie_status, drafting=draft, draft_policy=policy_info(),
+                        numerics=numerics)
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -298,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     ports = {mode: free_port() for mode in args.modes}
     procs = {mode: start_server(port, mode, args) for mode, port in ports.items()}
     cells: list[Cell] = []
+    numerics: dict[str, dict] = {}  # per mode: the dtype and kernels its server runs (`auto` decides there)
     t_start = time.time()
     try:
         for mode, port in ports.items():
             wait_healthy(port, procs[mode])
+            numerics[mode] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json().get("numerics")
             asyncio.run(run_cell(port, prompts[-2:], 1, 8))  # warm-up (first forwards), not reported
         start = 0
         modes = list(args.modes)
@@ -329,14 +331,21 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     import torch
-    meta = {"model": args.model or MODEL, "dtype": args.dtype, "threads": args.threads, "max_tokens": args.max_tokens,
+
+    from ..decoding.cost import cpu_info
+    cpu, flags = cpu_info()
+    ran = sorted({f"{n['dtype']} {n['kernels']}" for n in numerics.values() if n})
+    meta = {"model": args.model or MODEL, "dtype": args.dtype, "servers": numerics, "threads": args.threads,
+            "max_tokens": args.max_tokens,
             "workload": args.workload, "rounds": args.rounds, "requests_per_round": per_round,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "minutes": round((time.time() - t_start) / 60, 1),
+            "cpu_model": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "minutes": round((time.time() - t_start) / 60, 1),
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     md = table(cells)
     out.with_suffix(".md").write_text(md + "\n")
-    plot(cells, out.with_suffix(".png"), f"{meta['model']} {args.dtype} on {os.cpu_count()} shared CPU cores, "
+    dtype = f"{args.dtype} ({', '.join(ran)})" if args.dtype == "auto" and ran else args.dtype
+    plot(cells, out.with_suffix(".png"), f"{meta['model']} {dtype} on {os.cpu_count()} shared CPU cores, "
                                          f"{args.threads} thread(s), '{args.workload}' prompts, max_tokens "
                                          f"{args.max_tokens}, streaming")
     print(md)
