@@ -26,6 +26,7 @@ import torch
 
 from conftest import IdTokenizer, tiny_model
 from lookahead import DraftConfig, Engine
+from lookahead.decoding.accept import accept_walk
 from lookahead.decoding.sampling import Sampler
 from lookahead.drafting.state import SOURCES
 
@@ -82,21 +83,16 @@ def draw(engine: Engine, seeds: range, draft: bool) -> tuple[Counter, float]:
 # -- deliberately wrong accept rules (negative controls) ----------------------------------
 def favour_drafts(self: Sampler, tree, logits, context):
     """Biased: take a draft child outright whenever its probability exceeds 0.1; else sample."""
-    path, nodes, emitted, node = list(context), [0], [], 0
-    while True:
-        probs = torch.softmax(self.process(path, logits[node]), dim=-1)
+    def choose(path, node_logits):
+        node = 0  # the node whose logits these are: follow the drafted tokens from the root
+        for token in path[len(context):]:
+            node = next(c for c in tree.children[node] if tree.tokens[c] == token)
+        probs = torch.softmax(self.process(path, node_logits), dim=-1)
         likely = [c for c in tree.children[node] if probs[tree.tokens[c]] > 0.1]
         if likely:
-            token = tree.tokens[max(likely, key=lambda c: probs[tree.tokens[c]])]
-        else:
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        emitted.append(token)
-        child = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
-        if child is None:
-            return nodes, emitted
-        nodes.append(child)
-        path.append(token)
-        node = child
+            return tree.tokens[max(likely, key=lambda c: probs[tree.tokens[c]])]
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+    return accept_walk(tree, logits, context, choose)
 
 
 @pytest.fixture(scope="module", autouse=True)
