@@ -15,9 +15,18 @@ from lookahead.benchmark import cost
 from lookahead.benchmark.cli import _rerender, _resolve_dtype, add_parser, run_facts
 from lookahead.benchmark.harness import Item, mark_equality, rotated, run_interleaved, warm_pairs, warm_up_methods
 from lookahead.benchmark.methods import Context, parse_method, run_method
-from lookahead.benchmark.oracle import OracleState
+from lookahead.benchmark.oracle import OracleDrafter, OracleState, copied
 from lookahead.benchmark.report import equality_cell, markdown, write_all
-from lookahead.benchmark.stats import Record, first_difference, geomean, median, quantile, speedups, summarize
+from lookahead.benchmark.stats import (
+    Record,
+    first_difference,
+    geomean,
+    is_oracle,
+    median,
+    quantile,
+    speedups,
+    summarize,
+)
 
 
 def rec(pid, cat, method, wall, tokens=None, **kw) -> Record:
@@ -174,7 +183,10 @@ def test_parse_method_names():
     assert l8.kind == bare.kind == "oracle"
     assert (l8.draft_config.max_nodes, l8.draft_config.max_depth, l8.draft_config.sizing) == (8, 8, "fixed")
     assert bare.draft_config.max_nodes == 16
-    for bad in ("oracle-L0", "oracle-8", "oracle-n8"):
+    copy8 = parse_method("copy-oracle-L8")
+    assert copy8.kind == parse_method("copy-oracle").kind == "copy-oracle" and copy8.draft_config.max_nodes == 8
+    assert not is_oracle("copy-oracle")  # a bound on copying drafters, not the limit shares are taken of
+    for bad in ("oracle-L0", "oracle-8", "oracle-n8", "copy-oracle-L0", "oracle-copy"):
         with pytest.raises(ValueError):
             parse_method(bad)
 
@@ -196,6 +208,36 @@ def test_oracle_accepts_whole_chains_and_equals_plain(tiny_ctx, length):
     assert 1 <= r.accepted[-1] <= length + 1  # the tail: only the room left
     assert r.draft_tokens == r.new_tokens - len(r.accepted)  # every verified draft node was accepted
     assert plain.accepted == [1] * ctx.max_new_tokens and plain.draft_tokens == 0
+
+
+def test_copied_is_the_longest_prefix_found_in_the_context():
+    context = [1, 2, 3, 4, 2, 3, 9]
+    assert copied(context, [2, 3, 4, 5]) == [2, 3, 4]   # the best of two places, not the latest
+    assert copied(context, [2, 3, 9, 1]) == [2, 3, 9]   # stops at the context's end
+    assert copied(context, [7, 1, 2]) == [] and copied(context, []) == []
+
+
+def test_the_copy_oracle_drafts_only_what_the_context_holds(tiny_ctx, monkeypatch):
+    """Same output as plain decoding, every draft accepted whole, and every draft a stretch of the context: on
+    a prompt that repeats itself (so the answer does too) it drafts, and it drafts less than the oracle."""
+    ctx, items = tiny_ctx
+    ids = items[0].ids
+    plain = run_method(ctx, parse_method("plain"), ids)
+    oracle = run_method(ctx, parse_method("oracle-L4"), ids)
+    proposed = []
+    original = OracleDrafter.propose
+
+    def spy(self, context, budget):
+        tree = original(self, context, budget)
+        proposed.append((list(context), tree.tokens[1:]))
+        return tree
+
+    monkeypatch.setattr(OracleDrafter, "propose", spy)
+    r = run_method(ctx, parse_method("copy-oracle-L4"), ids)
+    assert r.token_ids == plain.token_ids
+    assert r.draft_tokens == r.new_tokens - len(r.accepted)  # every verified draft node was accepted
+    assert 0 < r.draft_tokens < oracle.draft_tokens
+    assert all(copied(context, chain) == chain for context, chain in proposed)
 
 
 def test_oracle_refuses_what_it_cannot_know(tiny_ctx):

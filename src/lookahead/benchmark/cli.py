@@ -29,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated: baseline, pld (n-gram 3), pld-nN, assisted, lookahead (cold trie), "
                         "lookahead-warm, lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed] "
                         "(a DraftConfig variant: size, sources, fixed sizing), plain (our loop, no drafting), "
-                        "oracle-LN (our loop, always-right chains of N tokens; greedy only; oracle = oracle-L16); "
+                        "oracle-LN (our loop, always-right chains of N tokens; greedy only; oracle = oracle-L16), "
+                        "copy-oracle[-LN] (the same, drafting only what could be copied from the context); "
                         f"default {DEFAULT_METHODS} (assisted only where a draft model is known)")
     p.add_argument("--limit", type=int, default=6, help="test prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=128)

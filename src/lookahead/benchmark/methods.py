@@ -9,6 +9,7 @@
   `-fixed` verifies the whole budget every step instead of the measured size (`lookahead-n24-d12-fixed`)
 - plain: this engine's own loop without drafting (what drafting is measured against, loop costs equal)
 - oracle-LN: this engine's loop with always-right chains of N tokens (oracle.py); `oracle`: N = 16
+- copy-oracle[-LN]: the same, drafting only what could be copied from the context: the bound of copying drafters
 
 Every call is timed from outside (wall clock, prefill included). Forward hooks on the target
 (and draft) model count and time their forward calls, which tells where the time goes
@@ -33,13 +34,13 @@ DEFAULT_PLD_NGRAM = 3
 _LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?"
                         r"(?:-s(?P<src>[a-z]+(?:\+[a-z]+)*))?(?P<fixed>-fixed)?$")
 _PLD = re.compile(r"^pld(?:-n(?P<n>\d+))?$")
-_ORACLE = re.compile(r"^oracle(?:-L(?P<length>\d+))?$")
+_ORACLE = re.compile(r"^(?P<copy>copy-)?oracle(?:-L(?P<length>\d+))?$")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    kind: str                       # baseline | pld | assisted | lookahead | plain | oracle
+    kind: str                       # baseline | pld | assisted | lookahead | plain | oracle | copy-oracle
     warm: bool = False
     ngram: int | None = None        # pld
     draft_config: DraftConfig | None = None  # lookahead; None = the engine's. oracle: its chain length
@@ -56,7 +57,7 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         length = int(m["length"]) if m["length"] else DEFAULT_LENGTH
         if length < 1:
             raise ValueError(f"method {name!r}: the chain length must be >= 1")
-        return MethodSpec(name, "oracle", draft_config=oracle_config(length))
+        return MethodSpec(name, "copy-oracle" if m["copy"] else "oracle", draft_config=oracle_config(length))
     if m := _PLD.match(name):
         return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
     if m := _LOOKAHEAD.match(name):
@@ -74,7 +75,7 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         if m["fixed"]:
             cfg = replace(cfg, sizing="fixed")
         return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
-    raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, plain, oracle, oracle-LN, "
+    raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, plain, [copy-]oracle[-LN], "
                      "lookahead, lookahead-warm, or lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed]")
 
 
@@ -124,7 +125,7 @@ class Context:
     # would have: the prompt's last max_match tokens (the lead-in), then the answer
     warm_corpus: list[tuple[list[int], list[int]]] = field(default_factory=list)
     trie_scope: str = "prompt"             # "prompt": every prompt starts from the same trie; "run": tries learn on
-    oracles: dict[str, OracleState] = field(default_factory=dict)  # per oracle-LN: the answers its loop emits
+    oracles: dict[str, OracleState] = field(default_factory=dict)  # per [copy-]oracle-LN: answers its loop emits
     plain_answers: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # draft=False, by prompt
     _engines: dict = field(default_factory=dict)
     _sizings: dict = field(default_factory=dict)
@@ -238,7 +239,7 @@ def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     if ctx.sampling:  # a sampled answer is not known in advance: drafting changes which draws are made
         raise ValueError(f"method {spec.name!r} is greedy only (drop --sampling or the oracle)")
     # Its own engine (the oracle as drafting state, the spec's chain length) on the shared model.
-    state = ctx.oracles.setdefault(spec.name, OracleState())
+    state = ctx.oracles.setdefault(spec.name, OracleState(copy=spec.kind == "copy-oracle"))
     engine = Engine(ctx.model, ctx.engine.tokenizer, spec.draft_config, state=state)
     key = tuple(ids)
     if key not in ctx.plain_answers:
@@ -249,7 +250,7 @@ def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
 
 RUNNERS: dict[str, Callable[[Context, MethodSpec, list[int]], Record]] = {
     "baseline": run_baseline, "pld": run_pld, "assisted": run_assisted, "lookahead": run_lookahead,
-    "plain": run_plain, "oracle": run_oracle}
+    "plain": run_plain, "oracle": run_oracle, "copy-oracle": run_oracle}
 
 
 def run_method(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:

@@ -15,6 +15,12 @@ oracle drafting it measured well below its limit (bf16, SmolLM2: 1.23x on summar
 lookup). So `prepare` runs the oracle and, where its output parts from the answer, takes that output
 (every token of it the loop's own choice) as the next answer, until the loop emits the answer itself
 (fp32 eager: at once; bf16: within a few rounds, each fixing the places where the chains changed).
+
+The copy oracle (`OracleState(copy=True)`) knows the same answer but drafts only what could be copied: the
+longest prefix of the next L tokens that occurs as one stretch of the context (prompt and output so far),
+nothing where the next token occurs nowhere. It bounds drafters that copy from the context (prompt lookup,
+the prompt trie, our copy pointer) the way the oracle bounds every drafter: on copy-heavy text, the gap
+between the two is what no copying drafter can win.
 """
 from __future__ import annotations
 
@@ -35,18 +41,33 @@ def oracle_config(length: int) -> DraftConfig:
     return DraftConfig(max_nodes=length, max_depth=length, sizing="fixed")
 
 
-class OracleDrafter:
-    """One request's oracle: the next tokens of a known continuation of `prompt`."""
+def copied(context: Sequence[int], chain: Sequence[int]) -> list[int]:
+    """The longest prefix of `chain` that occurs as one stretch of `context` (not running past its end)."""
+    best = 0
+    for i, token in enumerate(context):
+        if chain and token == chain[0]:
+            k = 1
+            while k < len(chain) and i + k < len(context) and context[i + k] == chain[k]:
+                k += 1
+            best = max(best, k)
+    return list(chain[:best])
 
-    def __init__(self, prompt: Sequence[int], continuation: Sequence[int]) -> None:
+
+class OracleDrafter:
+    """One request's oracle: the next tokens of a known continuation of `prompt` (copy: only what the context holds)."""
+
+    def __init__(self, prompt: Sequence[int], continuation: Sequence[int], copy: bool = False) -> None:
         self.offset = len(prompt)
         self.continuation = list(continuation)
+        self.copy = copy
         self.stats: dict = {}  # no draft sources to report (the decode core reads this)
         self.copy_run = 0  # no hint for the guard: the oracle's engine has none (fixed sizing)
 
     def propose(self, context: list[int], budget: Budget) -> DraftTree:
         done = len(context) - self.offset
         chain = self.continuation[done:done + min(budget.nodes, budget.depth)]
+        if self.copy:
+            chain = copied(context, chain)
         tree = DraftTree.chain(context[-1], chain)
         tree.expected = [1.0] * len(tree)
         return tree
@@ -60,7 +81,8 @@ class OracleState:
     """The greedy continuation of every prompt it was prepared for, as one oracle engine's loop emits it
     (one state per chain length: where tree and plain forwards part depends on the trees verified)."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = False) -> None:
+        self.copy = copy  # draft only what the context holds (the copy oracle)
         self.answers: dict[tuple[tuple[int, ...], int], list[int]] = {}
         self.rounds: dict[tuple[tuple[int, ...], int], int] = {}  # oracle runs each answer took
 
@@ -89,4 +111,4 @@ class OracleState:
         known = [(n, a) for (p, n), a in self.answers.items() if p == tuple(prompt)]
         if not known:
             raise KeyError("oracle: prompt not prepared (call OracleState.prepare before generating)")
-        return OracleDrafter(prompt, max(known)[1])
+        return OracleDrafter(prompt, max(known)[1], self.copy)

@@ -145,8 +145,8 @@ def plot_speedups(path: Path, results: dict) -> None:
                 or 0.0 for c in groups]
         top = max(top, *vals)
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
-        # The oracle is a limit, not a rival: hatched, so the eye reads it as the ceiling.
-        style = {"hatch": "//", "alpha": 0.45} if is_oracle(m) else {}
+        # The oracles are limits, not rivals: hatched, so the eye reads them as ceilings.
+        style = {"hatch": "//", "alpha": 0.45} if is_oracle(m) or m.startswith("copy-oracle") else {}
         bars = ax.bar(xs, vals, width, label=m, **style)
         for b, v in zip(bars, vals, strict=True):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01 * top, f"{v:.2f}", ha="center", va="bottom",
