@@ -64,6 +64,15 @@ def test_deterministic_engine_and_its_cost_curve_are_keyed_apart():
     assert Engine(model, IdTokenizer()).deterministic  # the model carries its kernels
 
 
+def test_reports_name_the_invariant_kernels():
+    """Benchmarks and the server's /health say what the linears run: not "eager" once deterministic."""
+    from lookahead.decoding.kernels import running_kernels
+    model = tiny_model("llama")
+    assert running_kernels(model) == "eager"
+    make_invariant(model)
+    assert running_kernels(model) == "invariant"
+
+
 STORY = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
 NOISE = ["Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox.",
          "def add(a, b):\n    return a + b\n\nRewrite add to subtract.",

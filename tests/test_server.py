@@ -17,7 +17,7 @@ import pytest
 
 from conftest import hf_greedy
 from lookahead import DraftConfig, Engine
-from lookahead.decoding.kernels import linear_kernels
+from lookahead.decoding.kernels import running_kernels
 from lookahead.server.app import create_app
 from lookahead.server.harness import ServerThread
 from lookahead.server.scheduler import Job, Scheduler
@@ -146,7 +146,8 @@ def test_models_health_and_metrics(client, server):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["decode_thread"] is True
     # What ran, for benchmarks of a `--dtype auto` server: the fixture's engine is float32, given explicitly.
-    assert health["numerics"] == {"dtype": "float32", "kernels": linear_kernels(server.engine.model), "reason": "given"}
+    kernels = running_kernels(server.engine.model)
+    assert health["numerics"] == {"dtype": "float32", "kernels": kernels, "reason": "given"}
     text = httpx.get(server.url + "/metrics").text
     for name in ("lookahead_requests_total", "lookahead_completion_tokens_total",
                  "lookahead_mean_accepted_tokens_per_step", "lookahead_draft_hit_rate", "lookahead_queue_depth",

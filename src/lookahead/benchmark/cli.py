@@ -107,8 +107,7 @@ def run_facts(model, dtype_reason: str) -> dict:
     import torch
 
     from ..decoding.cost import ISA_CAPS, cpu_info
-    from ..decoding.invariant import is_invariant
-    from ..decoding.kernels import linear_kernels
+    from ..decoding.kernels import running_kernels
 
     param = next(model.parameters())
     return {"cpu_model": _cpu_model(), "cpu_flags": cpu_info()[1], "cores": os.cpu_count(),
@@ -119,7 +118,7 @@ def run_facts(model, dtype_reason: str) -> dict:
             "device": str(param.device), "torch_dtype": str(param.dtype).removeprefix("torch."),
             "dtype_reason": dtype_reason,
             # Linear layers: eager F.linear, oneDNN-packed weights, or the deterministic mode's invariant tiles.
-            "kernels": "invariant" if is_invariant(model) else linear_kernels(model),
+            "kernels": running_kernels(model),
             "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 

@@ -27,7 +27,7 @@ import torch
 from ..drafting.state import SOURCES
 from ..engine import DraftConfig, Engine
 from .oracle import DEFAULT_LENGTH, OracleState, oracle_config
-from .stats import BASELINE, PLAIN, Record
+from .stats import BASELINE, COPY_ORACLE, PLAIN, Record
 
 PLD_TOKENS = 10
 DEFAULT_PLD_NGRAM = 3
@@ -57,7 +57,7 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         length = int(m["length"]) if m["length"] else DEFAULT_LENGTH
         if length < 1:
             raise ValueError(f"method {name!r}: the chain length must be >= 1")
-        return MethodSpec(name, "copy-oracle" if m["copy"] else "oracle", draft_config=oracle_config(length))
+        return MethodSpec(name, COPY_ORACLE if m["copy"] else "oracle", draft_config=oracle_config(length))
     if m := _PLD.match(name):
         return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
     if m := _LOOKAHEAD.match(name):
@@ -239,7 +239,7 @@ def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
     if ctx.sampling:  # a sampled answer is not known in advance: drafting changes which draws are made
         raise ValueError(f"method {spec.name!r} is greedy only (drop --sampling or the oracle)")
     # Its own engine (the oracle as drafting state, the spec's chain length) on the shared model.
-    state = ctx.oracles.setdefault(spec.name, OracleState(copy=spec.kind == "copy-oracle"))
+    state = ctx.oracles.setdefault(spec.name, OracleState(copy=spec.kind == COPY_ORACLE))
     engine = Engine(ctx.model, ctx.engine.tokenizer, spec.draft_config, state=state)
     key = tuple(ids)
     if key not in ctx.plain_answers:
@@ -250,7 +250,7 @@ def run_oracle(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:
 
 RUNNERS: dict[str, Callable[[Context, MethodSpec, list[int]], Record]] = {
     "baseline": run_baseline, "pld": run_pld, "assisted": run_assisted, "lookahead": run_lookahead,
-    "plain": run_plain, "oracle": run_oracle, "copy-oracle": run_oracle}
+    "plain": run_plain, "oracle": run_oracle, COPY_ORACLE: run_oracle}
 
 
 def run_method(ctx: Context, spec: MethodSpec, ids: list[int]) -> Record:

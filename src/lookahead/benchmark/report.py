@@ -5,7 +5,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .stats import BASELINE, PLAIN, Record, is_oracle
+from .stats import BASELINE, PLAIN, Record, is_limit
 
 
 def _f(x, fmt: str = ".2f", none: str = "–") -> str:
@@ -146,7 +146,7 @@ def plot_speedups(path: Path, results: dict) -> None:
         top = max(top, *vals)
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
         # The oracles are limits, not rivals: hatched, so the eye reads them as ceilings.
-        style = {"hatch": "//", "alpha": 0.45} if is_oracle(m) or m.startswith("copy-oracle") else {}
+        style = {"hatch": "//", "alpha": 0.45} if is_limit(m) else {}
         bars = ax.bar(xs, vals, width, label=m, **style)
         for b, v in zip(bars, vals, strict=True):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01 * top, f"{v:.2f}", ha="center", va="bottom",

@@ -13,10 +13,16 @@ from dataclasses import asdict, dataclass, field
 BASELINE = "baseline"  # transformers model.generate(): every speedup is over it
 PLAIN = "plain"        # our own loop without drafting
 ORACLE = "oracle"      # `oracle` / `oracle-LN`: our loop with always-right chains
+COPY_ORACLE = "copy-oracle"  # `copy-oracle[-LN]`: the same, drafting only what the context holds
 
 
 def is_oracle(method: str) -> bool:
     return method == ORACLE or method.startswith(ORACLE + "-")
+
+
+def is_limit(method: str) -> bool:
+    """An oracle of either kind: a bound shown beside the methods, not a rival."""
+    return is_oracle(method) or method == COPY_ORACLE or method.startswith(COPY_ORACLE + "-")
 
 
 @dataclass

@@ -14,12 +14,20 @@ import functools
 
 import torch
 
+from .invariant import is_invariant
+
 EAGER, PACKED = "eager", "packed"
 
 
 def linear_kernels(model: torch.nn.Module) -> str:
     """Which linear kernels `model` runs: "eager" or "packed"."""
     return getattr(model, "_lookahead_kernels", EAGER)
+
+
+def running_kernels(model: torch.nn.Module) -> str:
+    """What a report says the model's linears run: "invariant" (deterministic mode's own tiles), else
+    `linear_kernels`."""
+    return "invariant" if is_invariant(model) else linear_kernels(model)
 
 
 def can_pack(model: torch.nn.Module) -> bool:

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..decoding.kernels import linear_kernels
+from ..decoding.kernels import running_kernels
 from ..decoding.sampling import SamplingParams
 from ..decoding.step import MAX_CACHE_TOKENS
 from ..drafting.state import StateFileError
@@ -477,7 +477,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
 
     # What `--dtype auto` chose here, and why: a benchmark of this server reports what ran, not "auto".
     numerics = {"dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
-                "kernels": linear_kernels(engine.model), "reason": engine.dtype_reason}
+                "kernels": running_kernels(engine.model), "reason": engine.dtype_reason}
 
     def policy_info() -> dict[str, Any]:
         cfg, sizing = engine.draft_config, engine.sizing
