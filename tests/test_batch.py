@@ -192,6 +192,43 @@ def test_drafting_off_is_plain_batched_decoding():
     assert all(o.stats.draft_tokens == 0 and o.stats.steps == 10 for o in outputs)
 
 
+def test_a_request_alone_spends_no_forward_more_than_model_generate():
+    """Its prompt's last chunk is prefilled by the forward that verifies its first tree: n tokens
+    without drafting take n forwards, prefill included, as model.generate's; the output is the same.
+    With a chunked prefill (the server), the chunks before the last run alone."""
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+    try:
+        for chunk, forwards in ((None, 10), (16, 10 + 2)):  # 41 prompt tokens: chunks of 16, 16, then 8 + tree
+            calls.clear()
+            request = engine.request(BASE + BASE[:15], 10, draft=False)
+            decoder = engine.decoder(prefill_chunk=chunk)
+            decoder.add(request)
+            while len(decoder):
+                decoder.step()
+            assert len(calls) == forwards, chunk
+            assert request.ids == hf_greedy(model, request.prompt, 10)
+            assert request.stats.steps == 10 and request.stats.prefill_s > 0
+    finally:
+        hook.remove()
+
+
+def test_a_second_request_joining_prefills_the_first_ones_pending_tail():
+    model = tiny_model("llama", seed=1)
+    engine = Engine(model, IdTokenizer(), FIXED)
+    decoder = engine.decoder()
+    first, second = engine.request(BASE, 12), engine.request([3, 4, 9], 12)
+    decoder.add(first)
+    assert decoder.verifier.pending == [BASE[:-1]]  # alone: left to the first step
+    decoder.add(second)
+    assert decoder.verifier.pending == [[], []]
+    while len(decoder):
+        decoder.step()
+    assert first.ids == hf_greedy(model, BASE, 12) and second.ids == hf_greedy(model, [3, 4, 9], 12)
+
+
 def test_a_request_that_fails_alone_leaves_the_batch_running():
     model = tiny_model("llama", seed=1)
     engine = Engine(model, IdTokenizer(), FIXED)

@@ -336,8 +336,11 @@ STALL_FACTOR = 5   # victim latency next to an attacker over alone: measured 2.4
 
 def victim_latency(url: str) -> float:
     start = time.perf_counter()
+    # Without drafting: its steps then cost the same alone and next to the attacker, so the ratio is the stall
+    # (drafted, alone it accepted the trie's learned answer in 2-3 steps, which a batch of two cuts).
     r = post(url + CHAT_URL, {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of "
-                                                                       "France?"}], "max_tokens": 12})
+                                                                       "France?"}], "max_tokens": 12,
+                              "speculative": False})
     assert r.status_code == 200, r.text
     return time.perf_counter() - start
 

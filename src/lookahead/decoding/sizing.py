@@ -146,13 +146,14 @@ class SizingPolicy:
         (measured: a copy-heavy edit after chat prompts decoded its first 14 steps plain)."""
         self.off = max(self.off, self.trial_every)
 
-    def choose(self, trees: list[DraftTree]) -> Choice:
-        """The cut for this step's trees (one per row; root-only where a row drafts nothing)."""
+    def choose(self, trees: list[DraftTree], tail: int = 0) -> Choice:
+        """The cut for this step's trees (one per row; root-only where a row drafts nothing); `tail`: prompt
+        tokens the same forward prefills (a draft costs only its share on top of them)."""
         if self.cost is None:
             return Choice(None, "fixed")
         if not any(len(t) > 1 for t in trees):
             return Choice(0, "sized")
-        n = best_cut(trees, self.cost)
+        n = best_cut(trees, self.cost, tail)
         if self.trial and not n:  # a trial that verifies nothing could never show that drafting pays again
             n = min(PROBE_NODES, max(len(t) for t in trees) - 1)
         if n:
@@ -190,16 +191,17 @@ class SizingPolicy:
                     self.trial_every = min(2 * self.trial_every, PROBE_MAX)
 
 
-def best_cut(trees: list[DraftTree], cost: CostModel) -> int:
-    """Draft nodes per row (a prefix of every best-first tree) with the most expected tokens per second."""
+def best_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
+    """Draft nodes per row (a prefix of every best-first tree) with the most expected tokens per second;
+    `tail`: query tokens the forward carries anyway (a lone row's prompt tail)."""
     rows = len(trees)
     largest = max(len(t) for t in trees) - 1
     gains = [t.expected[1:] if t.expected else [0.0] * (len(t) - 1) for t in trees]
-    best_n, best_rate = 0, rows / cost(rows)
+    best_n, best_rate = 0, rows / cost(rows + tail)
     expected = float(rows)
     for n in range(1, largest + 1):
         expected += sum(g[n - 1] for g in gains if len(g) >= n)
-        rate = expected / cost(rows * (1 + n))  # every row padded to the largest cut tree
+        rate = expected / cost(rows * (1 + n) + tail)  # every row padded to the largest cut tree
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n

@@ -11,6 +11,9 @@ batched), `Engine.stream` and the server's decode thread. Each step
 6. feeds the outcome back: drafters (tries, recycle table, trust), sizing policy, cost curve.
 
 Rows join (`add`: prefilled alone, then merged) and leave (`remove`, or when done) between steps.
+A request that would run alone leaves the last chunk of its prompt to its first step's forward, which
+then prefills it and verifies the first tree at once (one forward fewer, as `model.generate` emits its
+first token from the prefill); a second request joining first prefills that tail.
 With `prefill_chunk`, a joining prompt is prefilled in chunks between the batch's forwards, each at
 most `prefill_chunk` tokens and, while other rows run, costing about their own step times the number of
 prefilling requests per running row (read off the cost curve): one long prompt delays the running rows by
@@ -34,6 +37,7 @@ from ..drafting.state import DraftState
 from ..request import Request
 from ..tree import DraftTree
 from .cost import CostModel
+from .kv import new_cache
 from .sizing import Choice, SizingPolicy
 from .verify import Verifier
 
@@ -96,6 +100,7 @@ class Decoder:
         """A new row (between steps). Prefilled now, or chunk by chunk in the coming steps with
         `prefill_chunk`; a failure ends this request alone (`request.error`)."""
         row = _Row(request, None)
+        self._settle()
         try:
             if request.draft and self.drafting is not None:
                 row.drafter = self.drafting.drafter(request.prompt)
@@ -116,12 +121,17 @@ class Decoder:
             t = time.perf_counter()
             try:
                 chunk = ids[row.filled: row.filled + budget]
-                row.cache = self.verifier.prefill(row.cache, chunk)
-                row.filled += len(chunk)
                 budget -= max(len(chunk), 1)
-                if row.filled == len(ids):
-                    self.verifier.join(row, row.cache, len(ids))
-                    row.cache = None
+                if row.filled + len(chunk) == len(ids) and not self.rows and len(self.prefilling) == 1:
+                    # Alone: the last chunk goes into the first step's forward, ahead of the first tree.
+                    self.verifier.join(row, row.cache or new_cache(), row.filled, pending=chunk)
+                    row.filled, row.cache = len(ids), None
+                else:
+                    row.cache = self.verifier.prefill(row.cache, chunk)
+                    row.filled += len(chunk)
+                    if row.filled == len(ids):
+                        self.verifier.join(row, row.cache, len(ids))
+                        row.cache = None
             except Exception as e:  # noqa: BLE001 - this request only
                 row.request.error = e
             row.request.stats.prefill_s += time.perf_counter() - t
@@ -134,6 +144,14 @@ class Decoder:
                 if row.drafter is not None:
                     self.sizing.new_text()
         return failed
+
+    def _settle(self) -> None:
+        """Prefill a lone row's pending prompt tail now (another row is joining), timed as its prefill."""
+        for row, tail in zip(self.rows, self.verifier.pending, strict=True):
+            if tail:
+                t = time.perf_counter()
+                self.verifier.settle()
+                row.request.stats.prefill_s += time.perf_counter() - t
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to prefill this step: a whole chunk while no row waits on it, else a chunk whose cost
@@ -175,12 +193,13 @@ class Decoder:
     def _decode(self) -> list[Request]:
         rows = self.rows
         t0 = time.perf_counter()
+        tail = sum(len(p) for p in self.verifier.pending)  # a lone row's prompt tail, prefilled by this forward
         copy_runs = [row.drafter.copy_run for row in rows if row.drafter is not None]
         # Where nothing may draft (draft=False) the step is plain, and what the guard's plain speed is.
         plan = self.sizing.plan(len(rows), max(copy_runs)) if copy_runs else Choice(0, "undrafted")
         trees, draft_s = self._draft(plan)
         # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
-        choice = plan if plan is not None else self.sizing.choose(trees)
+        choice = plan if plan is not None else self.sizing.choose(trees, tail)
         if choice.nodes is not None:
             trees = [t.prefix(choice.nodes) for t in trees]
         t1 = time.perf_counter()
@@ -219,14 +238,18 @@ class Decoder:
             stats.draft_tokens += len(tree) - 1
             stats.accepted.append(kept)
             stats.new_tokens = len(request.ids)
-            stats.forward_s += forward_s
+            if tail:  # mostly the prompt's tail: counted as prefill, as model.generate's first forward
+                stats.prefill_s += forward_s
+            else:
+                stats.forward_s += forward_s
             stats.draft_s += draft_s[i] + time.perf_counter() - t
             stats.total_s = time.perf_counter() - row.started
         q = max(len(t) for t in trees)
-        if self.cost is not None:
-            self.cost.observe(len(rows) * q, forward_s)
         seconds = time.perf_counter() - t0
-        self.sizing.observe(choice, len(rows), total_emitted, accepted_draft, seconds)
+        if not tail:  # a forward that also prefills is no verify step: neither the curve nor the guard learns from it
+            if self.cost is not None:
+                self.cost.observe(len(rows) * q, forward_s)
+            self.sizing.observe(choice, len(rows), total_emitted, accepted_draft, seconds)
         self.report = StepReport(len(rows), total_emitted, draft_nodes, accepted_draft, q - 1, forward_s,
                                  seconds - forward_s, choice)
         finished = [row.request for row in rows if row.request.done]

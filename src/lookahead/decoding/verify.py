@@ -16,7 +16,11 @@ layer and crops to the new common length: a row's keys never move otherwise, so 
 costs O(accepted tokens), not O(cache).
 
 Rows join between steps (`add`: prefilled alone, then merged into the batch with padding)
-and leave between steps (`remove`: their cache rows are dropped at once). Sliding-window
+and leave between steps (`remove`: their cache rows are dropped at once). A row joining an empty
+batch may leave the tail of its prompt uncached (`join(..., pending=tail)`): its first step's query
+is then tail + tree, causal over the tail, so the prefill's last forward also verifies the first
+tree, as `model.generate`'s prefill also yields the first token (one forward fewer per request; the
+tail's logits are not computed). Another row joining first prefills the tail (`settle`). Sliding-window
 layers keep a full-length cache (see kv.py) and get their window in the mask, by the same rule as
 transformers' sliding_window_overlay (key position > query position - window).
 
@@ -44,6 +48,7 @@ class Verifier(ModelBound):
         self.cache: DynamicCache = new_cache()
         self.keys: list[Hashable] = []   # row order == batch index
         self.past: list[int] = []        # committed tokens in each row's cache
+        self.pending: list[list[int]] = []  # committed tokens not cached yet (a lone row's prompt tail)
         self.length = 0                  # L: common cache length (max past)
         self._step: tuple[int, int, list[int]] | None = None  # (L, q, tree sizes) between verify and commit
 
@@ -70,15 +75,34 @@ class Verifier(ModelBound):
             check_cache(row)
         return row
 
-    def join(self, key: Hashable, row: DynamicCache, past: int) -> None:
-        """A prefilled one-row cache of `past` positions becomes a row of the batch (between steps)."""
+    def join(self, key: Hashable, row: DynamicCache, past: int, pending: Sequence[int] = ()) -> None:
+        """A prefilled one-row cache of `past` positions becomes a row of the batch (between steps).
+
+        `pending`: the rest of its prompt, not prefilled: it goes into the row's next verify forward, ahead
+        of its tree (only into an empty batch: a tail would pad every other row's query to its length)."""
         if key in self.keys:
             raise ValueError(f"row {key!r} is already in the batch")
         if self._step is not None:
             raise RuntimeError("rows can only join between steps (after commit)")
+        if pending and self.keys:
+            raise ValueError("only a row joining an empty batch may leave its prompt's tail pending")
+        self.settle()
         self._merge(row, past)
         self.keys.append(key)
         self.past.append(past)
+        self.pending.append(list(pending))
+
+    @torch.inference_mode()
+    def settle(self) -> None:
+        """Prefill a lone row's pending prompt tail into its cache (before another row joins)."""
+        if self._step is not None:
+            raise RuntimeError("settle between steps (after commit)")
+        for i, tail in enumerate(self.pending):
+            if tail:  # a pending tail only exists in a batch of one: the batch cache is that row's
+                self.prefill(self.cache, tail)
+                self.past[i] += len(tail)
+                self.length = max(self.past)
+                self.pending[i] = []
 
     @torch.inference_mode()
     def remove(self, keys: Sequence[Hashable]) -> None:
@@ -91,6 +115,7 @@ class Verifier(ModelBound):
             return
         self.keys = [self.keys[i] for i in keep]
         self.past = [self.past[i] for i in keep]
+        self.pending = [self.pending[i] for i in keep]
         if not keep:
             self.cache, self.length = new_cache(), 0
             return
@@ -132,23 +157,30 @@ class Verifier(ModelBound):
 
     # -- one step ---------------------------------------------------------------------------
     def inputs(self, trees: Sequence[DraftTree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict]:
-        """input_ids [B, q], position_ids [B, q] and the additive mask(s) [B, 1, q, L + q] of one step."""
+        """input_ids [B, q], position_ids [B, q] and the additive mask(s) [B, 1, q, L + q] of one step.
+
+        A row's query is its pending tail (causal) then its tree (seeing the whole tail), padded to q."""
         if len(trees) != len(self.keys):
             raise ValueError(f"{len(trees)} trees for {len(self.keys)} rows")
         batch, length = len(trees), self.length
-        q = max(len(t) for t in trees)
+        q = max(len(tail) + len(t) for t, tail in zip(trees, self.pending, strict=True))
         input_ids = torch.zeros(batch, q, dtype=torch.long)
         positions = torch.zeros(batch, q, dtype=torch.long)
         visible = torch.zeros(batch, q, length + q, dtype=torch.bool)
         pad_q = torch.arange(q)
-        for i, (tree, past) in enumerate(zip(trees, self.past, strict=True)):
-            n = len(tree)
-            input_ids[i, :n] = torch.tensor(tree.tokens)
-            positions[i, :n] = tree.position_ids(past)
-            positions[i, n:] = past  # padding queries: any valid position, their output is discarded
-            visible[i, :n, :past] = True
-            visible[i, :n, length: length + n] = tree.ancestor_mask()
-            visible[i, pad_q[n:], length + pad_q[n:]] = True
+        for i, (tree, past, tail) in enumerate(zip(trees, self.past, self.pending, strict=True)):
+            p, n = len(tail), len(tree)
+            if p:
+                input_ids[i, :p] = torch.tensor(tail)
+                positions[i, :p] = torch.arange(past, past + p)
+                visible[i, :p, length: length + p] = torch.ones(p, p, dtype=torch.bool).tril()
+                visible[i, p: p + n, length: length + p] = True
+            input_ids[i, p: p + n] = torch.tensor(tree.tokens)
+            positions[i, p: p + n] = tree.position_ids(past + p)
+            positions[i, p + n:] = past  # padding queries: any valid position, their output is discarded
+            visible[i, : p + n, :past] = True
+            visible[i, p: p + n, length + p: length + p + n] = tree.ancestor_mask()
+            visible[i, pad_q[p + n:], length + pad_q[p + n:]] = True
         masks = {}
         for kind in set(self.types):
             seen = visible
@@ -170,16 +202,20 @@ class Verifier(ModelBound):
         if self._step is not None:
             raise RuntimeError("commit the previous step first")
         input_ids, positions, mask = self.inputs(trees)
+        q, tails = input_ids.shape[1], [len(tail) for tail in self.pending]
+        # A lone row's pending tail needs no logits: keep the tree's (the query's last positions).
+        keep = {"logits_to_keep": len(trees[0])} if len(trees) == 1 and tails[0] else {}
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         **{self.cache_arg: self.cache})
+                         **keep, **{self.cache_arg: self.cache})
         if not self.keys or not self.cache.layers:
             raise RuntimeError("the model did not fill the KV cache")
-        self._step = (self.length, input_ids.shape[1], [len(t) for t in trees])
-        return [out.logits[i, : len(t)] for i, t in enumerate(trees)]
+        self._step = (self.length, q, [len(t) for t in trees])
+        first = q - out.logits.shape[1]  # query position of the first logits row
+        return [out.logits[i, p - first: p - first + len(t)] for i, (t, p) in enumerate(zip(trees, tails, strict=True))]
 
     @torch.inference_mode()
     def commit(self, accepted: Sequence[Sequence[int]]) -> None:
-        """Keep each row's accepted tree nodes (indices from the root, row order); drop the rest."""
+        """Keep each row's pending tail and accepted tree nodes (indices from the root, row order); drop the rest."""
         if self._step is None:
             raise RuntimeError("commit needs a verify first")
         length, q, sizes = self._step
@@ -189,11 +225,12 @@ class Verifier(ModelBound):
         for i, nodes in enumerate(accepted):
             if not nodes or nodes[0] != 0 or any(not 0 <= n < sizes[i] for n in nodes):
                 raise ValueError(f"row {i}: accepted nodes {list(nodes)} must start at the root and lie in its tree")
-            past = self.past[i]
-            rows += [i] * len(nodes)
-            dst += range(past, past + len(nodes))
-            src += [length + n for n in nodes]
-            self.past[i] = past + len(nodes)
+            past, p = self.past[i], len(self.pending[i])
+            rows += [i] * (p + len(nodes))
+            dst += range(past, past + p + len(nodes))
+            src += [length + j for j in range(p)] + [length + p + n for n in nodes]
+            self.past[i] = past + p + len(nodes)
+        self.pending = [[] for _ in self.keys]
         self.length = max(self.past)
         if dst != src:  # else every row is already in place (e.g. one row, first branch accepted)
             r = torch.tensor(rows, device=self.device)
