@@ -66,7 +66,11 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert saved["seconds"][-1] > 0.03
     for _ in range(60):                               # a loaded spell slows one-token forwards only:
         poisoned.observe(1, 0.200)
-    assert poisoned.seconds == sorted(poisoned.seconds)  # the curve never says more tokens cost less
+    curve = [poisoned(t) for t in poisoned.tokens]
+    assert curve == sorted(curve)                     # the curve never says more tokens cost less
+    for _ in range(150):                              # the spell ends: the ratios come back, as before it
+        poisoned.observe(1, 0.010)
+    assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.1)   # not stuck at the spell's level (was 20x)
 
 
 def test_a_cap_on_the_instruction_sets_the_libraries_may_use_gets_its_own_cached_curves(monkeypatch):
