@@ -209,6 +209,8 @@ class Verifier(ModelBound):
                          **keep, **{self.cache_arg: self.cache})
         if not self.keys or not self.cache.layers:
             raise RuntimeError("the model did not fill the KV cache")
+        if any(tails):  # this forward may have been the cache's first fill: check it as prefill does
+            check_cache(self.cache)
         self._step = (self.length, q, [len(t) for t in trees])
         first = q - out.logits.shape[1]  # query position of the first logits row
         return [out.logits[i, p - first: p - first + len(t)] for i, (t, p) in enumerate(zip(trees, tails, strict=True))]
