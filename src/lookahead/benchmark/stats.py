@@ -16,13 +16,18 @@ ORACLE = "oracle"      # `oracle` / `oracle-LN`: our loop with always-right chai
 COPY_ORACLE = "copy-oracle"  # `copy-oracle[-LN]`: the same, drafting only what the context holds
 
 
+def _of_kind(method: str, kind: str) -> bool:
+    """`method` is `kind` or one of its variants (`kind-...`)."""
+    return method == kind or method.startswith(kind + "-")
+
+
 def is_oracle(method: str) -> bool:
-    return method == ORACLE or method.startswith(ORACLE + "-")
+    return _of_kind(method, ORACLE)
 
 
 def is_limit(method: str) -> bool:
     """An oracle of either kind: a bound shown beside the methods, not a rival."""
-    return is_oracle(method) or method == COPY_ORACLE or method.startswith(COPY_ORACLE + "-")
+    return is_oracle(method) or _of_kind(method, COPY_ORACLE)
 
 
 @dataclass

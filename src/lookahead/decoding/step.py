@@ -147,11 +147,10 @@ class Decoder:
 
     def _settle(self) -> None:
         """Prefill a lone row's pending prompt tail now (another row is joining), timed as its prefill."""
-        for row, tail in zip(self.rows, self.verifier.pending, strict=True):
-            if tail:
-                t = time.perf_counter()
-                self.verifier.settle()
-                row.request.stats.prefill_s += time.perf_counter() - t
+        if any(self.verifier.pending):  # only a row alone in the batch has one
+            t = time.perf_counter()
+            self.verifier.settle()
+            self.rows[0].request.stats.prefill_s += time.perf_counter() - t
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to prefill this step: a whole chunk while no row waits on it, else a chunk whose cost
