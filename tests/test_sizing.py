@@ -276,6 +276,20 @@ def test_a_lucky_trial_in_a_losing_stretch_is_outvoted_by_the_next_drafted_steps
     assert policy.drafting_loses(1)
 
 
+def test_the_guard_judges_realised_tokens_per_second_where_drafts_land_now_and_then():
+    """One drafted step in ten emits 7 tokens (13 ms), the other nine emit 1 (11 ms each): drafted steps
+    give 112 ms for 16 tokens, 7 ms per token against plain's 10 ms. A mean of per-step times per token
+    (10.1 ms) would switch drafting off; realised speed keeps it on at every step."""
+    from lookahead.decoding.sizing import Choice
+    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+    for _ in range(3):
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    for step in range(60):
+        hit = step % 10 == 0
+        policy.observe(Choice(8, "sized"), 1, 7 if hit else 1, 6 if hit else 0, 0.013 if hit else 0.011)
+        assert not policy.drafting_loses(1), step
+
+
 def test_rows_that_come_and_go_between_batch_sizes_still_get_the_guards_verdict():
     """Under load a batch flips between 3 and 4 rows (two batch-size classes), so neither class alone
     gathers GUARD_MIN plain steps for a long time; the guard judges all sizes pooled meanwhile."""
