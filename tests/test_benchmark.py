@@ -411,3 +411,23 @@ def test_the_oracle_learns_the_answer_its_own_loop_emits(tiny_ctx):
     assert engine.state.answers[key] == truth and engine.state.rounds[key] == 2
     out = engine.generate(ids, max_new_tokens=12)
     assert out.token_ids == truth and out.stats.steps == -(-len(truth) // 5)   # every chain of 4 accepted whole
+
+
+def test_the_bench_passes_its_kernels_to_load_and_records_them(monkeypatch):
+    """`--kernels packed` reaches `lookahead.load` (with --dtype auto the choice can flip between runs where
+    eager and packed measure within noise) and the recorded command says it."""
+    import lookahead
+    from lookahead.benchmark.cli import _command, _load_engine
+    from lookahead.cli import build_parser
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(lookahead, "load", fake_load)
+    args = build_parser().parse_args(["bench", "--kernels", "packed", "--dtype", "auto"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        _load_engine(args)
+    assert seen["kernels"] == "packed"
+    assert "--kernels packed" in _command(args, ["lookahead"])
+    assert "--kernels" not in _command(build_parser().parse_args(["bench"]), ["lookahead"])

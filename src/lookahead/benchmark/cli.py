@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="named model, .gguf file or HF directory")
     p.add_argument("--dtype", default=None, help="auto (the default: what the engine picks here), bfloat16 or "
                    "float32 (the exact reference)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "eager", "packed"],
+                   help="linear kernels (default auto: with --dtype auto, whichever decodes fastest here; "
+                        "the choice can flip between runs where the two measure within noise)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tasks", default="code,chat,summary,qa", help="comma-separated categories")
     p.add_argument("--methods", default=DEFAULT_METHODS,
@@ -138,6 +141,8 @@ def _command(args, methods: list[str]) -> str:
         return " ".join(parts)
     parts += [f"--tasks {args.tasks}", f"--methods {','.join(methods)}", f"--limit {args.limit}",
               f"--max-new-tokens {args.max_new_tokens}"]
+    if args.kernels != "auto":
+        parts.append(f"--kernels {args.kernels}")
     if args.repeats != 1:
         parts.append(f"--repeats {args.repeats}")
     if args.threads != 2:
@@ -188,7 +193,7 @@ def _load_engine(args):
 
     sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
                                ("max_match", args.max_match)) if v is not None}
-    engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
+    engine = lookahead.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                             draft_config=lookahead.DraftConfig(**sizes))
     # Results are named and recorded by the dtype that ran (auto resolves here); other models load in it.
     args.dtype_asked = args.dtype

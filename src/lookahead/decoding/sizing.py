@@ -195,7 +195,7 @@ class SizingPolicy:
                     # of them nor its tokens' worth: the next drafted steps are averaged with it equally, so
                     # a lucky trial in a losing stretch is outvoted at once.
                     for key in (self.batch_class(rows), POOLED):
-                        self.speeds[(key, True)] = _Speed(1, per_token, 1.0)
+                        self.speeds[(key, True)] = _Speed(steps=1, seconds=per_token, tokens=1.0)
                     self.trial_every = PROBE_EVERY
                 else:  # still losing: wait twice as long for the next trial
                     self.trial_every = min(2 * self.trial_every, PROBE_MAX)
