@@ -189,19 +189,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = table(rows)
     print(text)
     if args.out:
-        import os
-
-        import transformers
-
-        from ..decoding.cost import cpu_info
-        cpu, flags = cpu_info()
-        machine = (f"{cpu or 'unknown CPU'}, {os.cpu_count()} cores; flags {' '.join(flags) or 'none'}; "
-                   f"{torch.get_num_threads()} torch threads; torch {torch.__version__}, transformers "
-                   f"{transformers.__version__}; float32, eager kernels (the exact mode); test split, "
-                   f"{args.max_new_tokens} new tokens, copy oracle chains of {args.length}")
+        from .cli import _machine, run_facts
+        from .report import _machine_line
+        facts = {"machine": _machine(), "dtype": "float32",
+                 **run_facts(engine.model, "the exact mode: the trace compares drafted output with plain")}
         command = " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
-            f.write(f"`python -m lookahead.benchmark.misses {command}`\n\n{machine}\n\n{text}\n")
+            f.write(f"`python -m lookahead.benchmark.misses {command}`\n\n{_machine_line(facts)}; test split, "
+                    f"{args.max_new_tokens} new tokens, copy oracle chains of {args.length}\n\n{text}\n")
 
 
 if __name__ == "__main__":
