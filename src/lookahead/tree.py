@@ -57,6 +57,10 @@ class DraftTree:
     def max_depth(self) -> int:
         return max(self.depths)
 
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` that holds `token` (None: no such draft)."""
+        return next((c for c in self.children[node] if self.tokens[c] == token), None)
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root down to `node` (inclusive)."""
         path = []

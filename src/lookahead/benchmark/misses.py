@@ -85,7 +85,7 @@ def held(tree: DraftTree, chain: Sequence[int]) -> tuple[int, int]:
     """How many tokens of `chain` the tree holds as one path from its root, and the path's last node."""
     node = 0
     for k, token in enumerate(chain):
-        nxt = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
+        nxt = tree.child(node, token)
         if nxt is None:
             return k, node
         node = nxt

@@ -39,7 +39,7 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, context: list[int] | No
     while True:
         token = choice[node]
         emitted.append(token)
-        child = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
+        child = tree.child(node, token)
         if child is None:
             return nodes, emitted
         nodes.append(child)
@@ -60,7 +60,7 @@ def accept_walk(tree: DraftTree, logits: torch.Tensor, context: list[int],
     while True:
         token = choose(path, logits[node])
         emitted.append(token)
-        child = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
+        child = tree.child(node, token)
         if child is None:
             return nodes, emitted
         nodes.append(child)
