@@ -58,3 +58,6 @@ def test_a_traced_decode_accounts_for_every_copyable_token(real_engine):
         assert t["emitted"] == t["steps"] + t["accepted"] <= 24
     assert totals["tight"].get("capped", 0) > totals["default"].get("capped", 0)
     assert "| tight |" in table(totals)
+    long = trace(tight, prompt, max_new_tokens=24, min_copy=4)   # fixed sizing: the same steps as before
+    assert long["steps"] == totals["tight"]["steps"] and long["copyable"] < totals["tight"]["copyable"]
+    assert long["copyable"] == long["accepted"] - long.get("beyond", 0) + sum(long.get(r, 0) for r in REASONS)

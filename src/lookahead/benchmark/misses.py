@@ -14,7 +14,9 @@ stretch of the context. Every one of them the step did not accept is charged to 
 
 Counts of tokens, not times: the same on a loaded machine as on an idle one (only the guard's and the
 sizing's choices, which read times, may differ). Tokens the engine accepted beyond what copying could
-give (recycle table, shared history) are reported apart.
+give (recycle table, shared history) are reported apart. Losses are per step: a copy still in reach over
+several steps counts at each of them (a regret, not a count of distinct tokens). `--min-copy N` counts only
+copies of N tokens or more (a one-token match is often a coincidence no drafter could know).
 """
 from __future__ import annotations
 
@@ -123,8 +125,10 @@ def charge(step: TracedStep, copyable: Sequence[int]) -> Counter:
     return out
 
 
-def trace(engine, prompt: Sequence[int], max_new_tokens: int, length: int = DEFAULT_LENGTH) -> dict:
-    """Decode `prompt` plainly (the answer) and drafted (traced); the drafted steps' losses by reason."""
+def trace(engine, prompt: Sequence[int], max_new_tokens: int, length: int = DEFAULT_LENGTH,
+          min_copy: int = 1) -> dict:
+    """Decode `prompt` plainly (the answer) and drafted (traced); the drafted steps' losses by reason, counting
+    copies of `min_copy` tokens or more."""
     from ..engine import Engine
 
     answer = list(engine.generate(list(prompt), max_new_tokens=max_new_tokens, draft=False).token_ids)
@@ -139,6 +143,8 @@ def trace(engine, prompt: Sequence[int], max_new_tokens: int, length: int = DEFA
     for step in state.drafters[0].steps:
         done = totals["emitted"]  # every step emits its accepted draft tokens and one more
         copyable = copied(context[:len(prompt) + done], answer[done:done + length])
+        if len(copyable) < min_copy:
+            copyable = []
         totals += charge(step, copyable)
         totals["steps"] += 1
         totals["copyable"] += len(copyable)
@@ -170,8 +176,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=6, help="prompts per category (test split)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--length", type=int, default=DEFAULT_LENGTH, help="the copy oracle's chain length L")
+    p.add_argument("--min-copy", type=int, default=1, help="count only copies of at least this many tokens")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = p.parse_args(argv)
+    if args.min_copy < 1 or args.length < 1:
+        p.error("--min-copy and --length must be at least 1")
     from tqdm import tqdm
 
     import lookahead
@@ -183,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = load_prompts(category, "test", limit=args.limit)
         totals: Counter = Counter()
         for prompt in tqdm(prompts, desc=category, file=sys.stderr):
-            totals += Counter(trace(engine, engine.encode(prompt.messages), args.max_new_tokens, args.length))
+            totals += Counter(trace(engine, engine.encode(prompt.messages), args.max_new_tokens, args.length,
+                                          args.min_copy))
             totals["prompts"] += 1
         rows[category] = dict(totals)
     text = table(rows)
@@ -196,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
             f.write(f"`python -m lookahead.benchmark.misses {command}`\n\n{_machine_line(facts)}; test split, "
-                    f"{args.max_new_tokens} new tokens, copy oracle chains of {args.length}\n\n{text}\n")
+                    f"{args.max_new_tokens} new tokens, copy oracle chains of {args.length}, copies of "
+                    f"{args.min_copy} tokens or more counted\n\n{text}\n")
 
 
 if __name__ == "__main__":
