@@ -192,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = load_prompts(category, "test", limit=args.limit)
         totals: Counter = Counter()
         for prompt in tqdm(prompts, desc=category, file=sys.stderr):
-            totals += Counter(trace(engine, engine.encode(prompt.messages), args.max_new_tokens, args.length,
-                                          args.min_copy))
+            ids = engine.encode(prompt.messages)
+            totals += Counter(trace(engine, ids, args.max_new_tokens, args.length, args.min_copy))
             totals["prompts"] += 1
         rows[category] = dict(totals)
     text = table(rows)
