@@ -153,6 +153,11 @@ def trace(engine, prompt: Sequence[int], max_new_tokens: int, length: int = DEFA
     return dict(totals)
 
 
+def lost(totals: dict) -> int:
+    """The copyable tokens a trace's steps did not accept, over every reason."""
+    return sum(totals.get(r, 0) for r in REASONS)
+
+
 def table(rows: dict[str, dict]) -> str:
     """Markdown: per category, steps, accepted and copyable tokens per step, and the lost tokens by reason."""
     head = ["category", "prompts", "steps", "accepted drafts/step", "copyable/step", "lost/step",
@@ -160,10 +165,10 @@ def table(rows: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, t in rows.items():
         steps = max(t.get("steps", 0), 1)
-        lost = sum(t.get(r, 0) for r in REASONS)
+        missed = lost(t)
         cells = [name, str(t.get("prompts", 0)), str(t.get("steps", 0)), f"{t.get('accepted', 0) / steps:.2f}",
-                 f"{t.get('copyable', 0) / steps:.2f}", f"{lost / steps:.2f}",
-                 *(f"{100 * t.get(r, 0) / lost:.0f} %" if lost else "–" for r in REASONS),
+                 f"{t.get('copyable', 0) / steps:.2f}", f"{missed / steps:.2f}",
+                 *(f"{100 * t.get(r, 0) / missed:.0f} %" if missed else "–" for r in REASONS),
                  f"{t.get('beyond', 0) / steps:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
