@@ -361,6 +361,39 @@ def test_the_guards_trial_verifies_a_draft_even_where_the_calibration_says_it_wo
     assert policy.trial_every == waited and policy.plan(1) is None and policy.trial
 
 
+def test_a_probe_or_trial_costs_a_batch_no_more_than_it_costs_a_lone_request():
+    """Every row is padded to the largest cut: a lone request's 4-node probe is 1.06x its plain step on this
+    curve, the same probe over 8 rows would be 40 query tokens, 4.6x theirs; cut to 1 node a row (1.9x)."""
+    from lookahead.decoding.sizing import Choice
+    cost = CostModel([1, 8, 64], [1.0, 1.1, 8.0])                # flat to 8 query tokens, then linear
+    weak = chain([0.0] * 8)                                      # no cut pays: only probes verify
+    for rows, nodes in ((1, PROBE_NODES), (2, 2), (4, 1), (8, 1)):
+        policy = SizingPolicy(cost=cost)
+        probe = [policy.choose([weak] * rows) for _ in range(PROBE_EVERY)][-1]
+        assert probe.kind == "probe" and probe.nodes == nodes, (rows, probe)
+    policy = SizingPolicy(cost=cost)
+    for _ in range(4):                                           # drafting measured slower: off, then a trial
+        policy.observe(Choice(2, "sized"), 8, 8, 0, 2.0)
+        policy.observe(Choice(0, "plain"), 8, 8, 0, 1.0)
+    while not policy.trial:
+        policy.plan(8)
+    assert policy.choose([weak] * 8).nodes == 1
+    assert policy.choose([weak]).nodes == PROBE_NODES           # the same trial for a lone request
+
+
+def test_a_probe_that_does_not_pay_for_its_own_forward_doubles_the_wait():
+    """One accepted token pays a lone request's probe on a flat curve; in a batch of 8 one row's token does not
+    pay the probe's 1.9x forward, so the next probe waits twice as long instead of coming back at once."""
+    from lookahead.decoding.sizing import Choice
+    cost = CostModel([1, 8, 64], [1.0, 1.1, 8.0])
+    lone, batch = SizingPolicy(cost=cost, probe_every=16), SizingPolicy(cost=cost, probe_every=16)
+    lone.observe(Choice(PROBE_NODES, "probe"), 1, 2, 1, 1.0)
+    batch.observe(Choice(1, "probe"), 8, 9, 1, 2.0)
+    assert lone.probe_every == PROBE_EVERY and batch.probe_every == 32
+    batch.observe(Choice(1, "probe"), 8, 16, 8, 2.0)               # every row accepted: it paid
+    assert batch.probe_every == PROBE_EVERY
+
+
 def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off():
     from lookahead.decoding.sizing import Choice
     policy = SizingPolicy(cost=CostModel([1, 2, 16], [0.010, 0.020, 0.030]))

@@ -13,14 +13,16 @@ whose expected tokens per unit of cost is highest. As B grows, t(B * q) grows an
 
 Two safeguards keep the promise "never slower than plain decoding" whatever the curve says:
 - probes: when no draft pays, a small tree is still verified now and then (acceptance is only
-  learned from verified nodes); a probe that wins nothing doubles the wait;
+  learned from verified nodes); a probe that does not pay for its own forward doubles the wait;
 - a guard on realised speed: now and then a drafting step is run plain, and the measured time per
   emitted token of drafted and plain steps are compared, per batch-size class once that class has
   enough steps of each kind, else over all batch sizes pooled (under load rows come and go, and a
   class alone may never gather enough). Times are kept in units of a plain step's cost for that
   batch size on the curve, so steps of different sizes compare. Where drafted steps are slower,
   drafting is switched off; a drafted trial step now and then (the wait doubling after each trial
-  that still loses) turns it back on at once when the text changes (a copy after chat). A request
+  that still loses) turns it back on at once when the text changes (a copy after chat). Probes and
+  trials verify at most as many nodes a row as cost a batch, over its plain step, what they cost a
+  lone request (at least one: every row is padded to the largest cut). A request
   joining, or a row copying its context for COPY_TRIAL tokens in a row, calls a trial sooner. The
   guard's own plain steps wait while a row is copying (up to twice their period): a plain step costs
   the most there, and its time does not depend on the text, so the comparison stays fair.
@@ -164,20 +166,24 @@ class SizingPolicy:
             return Choice(0, "sized")
         n = best_cut(trees, self.cost, tail)
         if self.trial and not n:  # a trial that verifies nothing could never show that drafting pays again
-            n = min(PROBE_NODES, max(len(t) for t in trees) - 1)
+            n = forced_cut(trees, self.cost, tail)
         if n:
             self.idle = 0
             return Choice(n, "sized")
         self.idle += 1
         if self.idle >= self.probe_every:  # acceptance is only learned from verified nodes
             self.idle = 0
-            return Choice(PROBE_NODES, "probe")
+            return Choice(forced_cut(trees, self.cost, tail), "probe")
         return Choice(0, "sized")
 
     def observe(self, choice: Choice, rows: int, emitted: int, accepted_draft: int, seconds: float) -> None:
         """One step's outcome: `emitted` tokens over `rows` rows in `seconds` (draft + forward + accept)."""
         if choice.kind == "probe":
-            self.probe_every = PROBE_EVERY if accepted_draft else min(2 * self.probe_every, PROBE_MAX)
+            # The wait doubles unless the probe paid for its own forward on the curve (a lone request: one
+            # accepted token on a steep curve, a batch: most rows'): a batch's probe where one row in eight
+            # accepts a token would otherwise come back every PROBE_EVERY steps, each a loss.
+            paid = (rows + accepted_draft) / max(rows, 1) >= self.cost(rows * (1 + choice.nodes)) / self.cost(rows)
+            self.probe_every = PROBE_EVERY if paid else min(2 * self.probe_every, PROBE_MAX)
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
             drafted = not choice.plain  # the drafting engine's steps, paid-off or not
@@ -199,6 +205,19 @@ class SizingPolicy:
                     self.trial_every = PROBE_EVERY
                 else:  # still losing: wait twice as long for the next trial
                     self.trial_every = min(2 * self.trial_every, PROBE_MAX)
+
+
+def forced_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
+    """Draft nodes per row for a step that verifies a draft although no cut pays (a probe, a guard trial): up
+    to PROBE_NODES, as many as cost this batch, over its plain step, no more than PROBE_NODES cost a lone
+    request (at least one). Every row is padded to the largest cut, so a fixed probe is not small in a batch:
+    measured, 4 nodes a row made an 8-row step cost 2.6x its plain step (Zen 3, fp32), for half a token a row."""
+    largest = max(len(t) for t in trees) - 1
+    rows, limit = len(trees), cost(1 + PROBE_NODES) / cost(1)
+    n = 1
+    while n < min(PROBE_NODES, largest) and cost(rows * (n + 2) + tail) <= limit * cost(rows + tail):
+        n += 1
+    return n
 
 
 def best_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
