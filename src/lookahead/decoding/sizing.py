@@ -182,7 +182,7 @@ class SizingPolicy:
             # The wait doubles unless the probe paid for its own forward on the curve (a lone request: one
             # accepted token on a steep curve, a batch: most rows'): a batch's probe where one row in eight
             # accepts a token would otherwise come back every PROBE_EVERY steps, each a loss.
-            paid = (rows + accepted_draft) / max(rows, 1) >= self.cost(rows * (1 + choice.nodes)) / self.cost(rows)
+            paid = (rows + accepted_draft) / max(rows, 1) >= over_plain(self.cost, rows, choice.nodes)
             self.probe_every = PROBE_EVERY if paid else min(2 * self.probe_every, PROBE_MAX)
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
@@ -213,11 +213,16 @@ def forced_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
     request (at least one). Every row is padded to the largest cut, so a fixed probe is not small in a batch:
     measured, 4 nodes a row made an 8-row step cost 2.6x its plain step (Zen 3, fp32), for half a token a row."""
     largest = max(len(t) for t in trees) - 1
-    rows, limit = len(trees), cost(1 + PROBE_NODES) / cost(1)
+    rows, limit = len(trees), over_plain(cost, 1, PROBE_NODES)
     n = 1
-    while n < min(PROBE_NODES, largest) and cost(rows * (n + 2) + tail) <= limit * cost(rows + tail):
+    while n < min(PROBE_NODES, largest) and over_plain(cost, rows, n + 1, tail) <= limit:
         n += 1
     return n
+
+
+def over_plain(cost: CostModel, rows: int, nodes: int, tail: int = 0) -> float:
+    """A step verifying `nodes` draft nodes a row over `rows` rows, in plain steps of those rows (on the curve)."""
+    return cost(rows * (1 + nodes) + tail) / cost(rows + tail)
 
 
 def best_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
