@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from lookahead.decoding.attention import NAME as GROUPED
 from lookahead.models import load_model, locate, parse_dtype
 
 
@@ -27,7 +28,7 @@ def test_local_hf_directory_loads_with_its_tokenizer(tmp_path, real_engine):
     model.save_pretrained(tmp_path)
     real_engine.tokenizer.save_pretrained(tmp_path)
     loaded, tokenizer = load_model(tmp_path, dtype="float32", device="cpu")
-    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config._attn_implementation == "sdpa"
+    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config._attn_implementation == GROUPED
     assert tokenizer("hello").input_ids == real_engine.tokenizer("hello").input_ids
     for name, p in model.state_dict().items():
         assert torch.equal(p, loaded.state_dict()[name])

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .chat import encode_messages
 from .decoding.accept import accept_greedy
+from .decoding.attention import NAME as GROUPED
+from .decoding.attention import use_grouped
 from .decoding.cost import CostModel, drafting_rate, load_cost, measure_cost
 from .decoding.invariant import is_invariant, make_invariant
 from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, unpack_linears
@@ -68,6 +70,8 @@ class Engine:
                  sizing: SizingPolicy | None = None, deterministic: bool = False) -> None:
         if deterministic and not is_invariant(model):
             make_invariant(model)  # a position's logits no longer depend on what shares its forward
+        elif not is_invariant(model):
+            use_grouped(model)  # verify forwards without per-head copies of the KV cache (same numbers)
         check_supported(model)  # refuse unsupported models now, not at the first request
         self.model, self.tokenizer = model, tokenizer
         self.deterministic = is_invariant(model)
@@ -311,7 +315,8 @@ def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Mo
 def _cost_key(model: torch.nn.Module) -> str:
     """What a cached cost curve belongs to (with dtype, device and machine added by `cost_path`)."""
     linears = "-invariant" if is_invariant(model) else "-packed" if linear_kernels(model) == PACKED else ""
-    return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}{linears}"
+    grouped = "-grouped" if model.config._attn_implementation == GROUPED else ""  # verify forwards cost less
+    return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}{linears}{grouped}"
 
 
 def _model_id(model: torch.nn.Module) -> str:

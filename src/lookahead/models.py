@@ -47,11 +47,14 @@ def locate(source: str | os.PathLike | None) -> tuple[Path, str | None]:
 
 def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
                device: str | None = None):
-    """Return (model, tokenizer), both plain transformers objects, the model in eval mode.
+    """Return (model, tokenizer), both plain transformers objects, the model in eval mode with its SDPA
+    attention grouped for verify forwards (decoding/attention.py: same numbers, no per-head KV copies).
 
     A .gguf file is dequantised once per dtype and kept as a safetensors directory under the cache
     root (`converted/`): later loads read that instead (the conversion takes most of a first start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .decoding.attention import use_grouped
 
     directory, gguf = locate(source)
     dtype = parse_dtype(dtype)
@@ -74,6 +77,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     if name:  # saved drafting state and cost curves key on it
         model.config._name_or_path = name
     model.to(device or default_device()).eval()
+    use_grouped(model)
     return model, tokenizer
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .attention import NAME as GROUPED_ATTENTION
 from .invariant import NAME as INVARIANT_ATTENTION
 
-MASKABLE_ATTENTION = {"eager", "sdpa", "flex_attention", INVARIANT_ATTENTION}
+MASKABLE_ATTENTION = {"eager", "sdpa", "flex_attention", INVARIANT_ATTENTION, GROUPED_ATTENTION}
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 DYNAMIC_CACHES = {None, "dynamic"}
 # Families whose state is not a per-token KV cache (recurrent / hybrid); their state cannot
