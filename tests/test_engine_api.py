@@ -86,3 +86,9 @@ def test_stats_report_acceptance_per_draft_source():
     assert set(out.stats.sources) == {"prompt", "history", "recycle", "ngram"}
     assert all(0 <= accepted <= proposed for proposed, accepted in out.stats.sources.values())
     assert sum(accepted for _, accepted in out.stats.sources.values()) > 0
+
+
+def test_load_freezes_the_loaded_heap(real_engine):
+    """The model and libraries are kept out of Python's full collections, which drafting's trie nodes trigger."""
+    import gc
+    assert gc.get_freeze_count() > 10_000

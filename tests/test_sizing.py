@@ -15,7 +15,7 @@ import torch
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, DraftTree, Engine
 from lookahead.decoding.cost import CostModel, measure_cost
-from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, SizingPolicy, best_cut
+from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, Choice, SizingPolicy, best_cut
 
 COPY = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
 
@@ -429,11 +429,27 @@ def test_a_row_that_copies_its_context_gets_a_trial_while_drafting_is_off():
 
 def test_the_guards_plain_step_waits_while_a_row_is_copying():
     """A plain step inside a copy gives up a whole chain; it is taken later (at most twice its period)."""
-    from lookahead.decoding.sizing import MIN_RUN, PLAIN_EVERY
-    for copy_run, first in ((0, PLAIN_EVERY), (MIN_RUN, 2 * PLAIN_EVERY)):
+    from lookahead.decoding.sizing import MIN_RUN, PLAIN_EVERY_COLD
+    for copy_run, first in ((0, PLAIN_EVERY_COLD), (MIN_RUN, 2 * PLAIN_EVERY_COLD)):
         policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
-        plans = [policy.plan(1, copy_run) for _ in range(2 * PLAIN_EVERY)]
+        plans = [policy.plan(1, copy_run) for _ in range(2 * PLAIN_EVERY_COLD)]
         assert [i + 1 for i, p in enumerate(plans) if p is not None][0] == first, (copy_run, plans)
+
+
+def test_the_guards_plain_steps_come_sooner_until_it_has_a_verdict():
+    """A losing start (8 rows that do not copy) is judged after GUARD_MIN plain steps: they come every
+    PLAIN_EVERY_COLD steps until then, every PLAIN_EVERY after."""
+    from lookahead.decoding.sizing import GUARD_MIN, PLAIN_EVERY, PLAIN_EVERY_COLD
+    assert PLAIN_EVERY_COLD < PLAIN_EVERY
+    policy = SizingPolicy(cost=CostModel([1, 8, 16], [1.0, 1.0, 1.0]))
+    plain_at = []
+    for step in range(1, 6 * PLAIN_EVERY):
+        choice = policy.plan(8) or Choice(1, "sized")
+        if choice.plain:
+            plain_at.append(step)
+        policy.observe(choice, 8, 8 if choice.plain else 9, 0 if choice.plain else 1, 1.0)  # drafting wins a bit
+    assert plain_at[:GUARD_MIN] == [PLAIN_EVERY_COLD * (i + 1) for i in range(GUARD_MIN)], plain_at
+    assert plain_at[GUARD_MIN] - plain_at[GUARD_MIN - 1] == PLAIN_EVERY, plain_at
 
 
 def test_steps_of_requests_that_do_not_draft_are_plain_steps_for_the_guard():

@@ -5,6 +5,7 @@ All three drive the one decode core (`decoding.step.Decoder`); so does the serve
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -272,6 +273,10 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
     # The curve the choice read is not read again (deterministic kernels have their own).
     engine = Engine(model, tokenizer, draft_config, cost=None if deterministic else cost, deterministic=deterministic)
     engine.dtype_reason = reason
+    # Everything loaded so far (model, tokenizer, libraries: ~430k objects for SmolLM2) lives as long as the
+    # process: frozen, Python's full collections, which the drafters' trie nodes trigger, skip it (measured:
+    # 0.24 s a pass before, 0.02 s after, Zen 3). vLLM freezes its heap after start-up for the same reason.
+    gc.freeze()
     return engine
 
 

@@ -41,8 +41,9 @@ def _hf_padded(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
 
 def main(argv: list[str] | None = None) -> int:
     import lookahead
-    from lookahead.benchmark.cli import _machine, _versions
+    from lookahead.benchmark.cli import _machine, run_facts
     from lookahead.benchmark.datasets import CATEGORIES, load_prompts
+    from lookahead.benchmark.report import _machine_line
 
     p = argparse.ArgumentParser(prog="python -m lookahead.benchmark.batch", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -91,23 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"method": m, "seconds": seconds[m], "best_s": best, "tokens": tokens,
                      "tokens_per_s": tokens / best, "same_as_reference": same})
     loop = next(r for r in rows if r["method"] == "loop")["best_s"]
-    lines = [f"{len(prompts)} prompts ({args.limit} per category), {n} new tokens, {args.model} {args.dtype}, "
-             f"max batch {args.max_batch}, {_machine()}, {torch.get_num_threads()} threads; best of {args.rounds} "
-             "interleaved rounds", "",
+    facts = run_facts(engine.model, f"{args.dtype}: {getattr(engine, 'dtype_reason', 'given')}")
+    meta = {"model": args.model, "dtype": facts["torch_dtype"], "prompts": len(prompts), "max_new_tokens": n,
+            "max_batch": args.max_batch, "rounds": args.rounds, "machine": _machine(), **facts,
+            "command": "python -m lookahead.benchmark.batch " + " ".join(argv or sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    # Never slower, in a batch: drafting over draft=False, best round and summed rounds (one round is noisy).
+    drafted, plain = seconds["batch"], seconds["batch-plain"]
+    meta["drafting_over_plain"] = {"best": min(plain) / min(drafted), "summed": sum(plain) / sum(drafted)}
+    lines = [f"{len(prompts)} prompts ({args.limit} per category), {n} new tokens, {args.model}, max batch "
+             f"{args.max_batch}; best of {args.rounds} interleaved rounds", "", _machine_line(meta), "",
              "| method | wall s | tok/s | vs loop of generate() | same tokens as model.generate() one by one |",
              "|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['best_s']:.1f} | {r['tokens_per_s']:.1f} | {loop / r['best_s']:.2f}x | "
                      f"{r['same_as_reference']}/{len(prompts)} |")
+    ratio = meta["drafting_over_plain"]
+    lines += ["", f"`batch` (drafting) over `batch-plain` (`draft=False`): {ratio['best']:.3f}x best round, "
+              f"{ratio['summed']:.3f}x summed over the rounds"]
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "dtype": args.dtype, "prompts": len(prompts), "max_new_tokens": n,
-            "max_batch": args.max_batch, "rounds": args.rounds, "machine": _machine(),
-            "threads": torch.get_num_threads(),
-            "command": "python -m lookahead.benchmark.batch " + " ".join(argv or sys.argv[1:]), **_versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (out / "results.md").write_text("# Offline batch generation\n\n" + table)
     return 0

@@ -17,8 +17,9 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
 - a guard on realised speed: now and then a drafting step is run plain, and the measured time per
   emitted token of drafted and plain steps are compared, per batch-size class once that class has
   enough steps of each kind, else over all batch sizes pooled (under load rows come and go, and a
-  class alone may never gather enough). Times are kept in units of a plain step's cost for that
-  batch size on the curve, so steps of different sizes compare. Where drafted steps are slower,
+  class alone may never gather enough; until it has, the plain steps come twice as often). Times are
+  kept in units of a plain step's cost for that batch size on the curve, so steps of different sizes
+  compare. Where drafted steps are slower,
   drafting is switched off; a drafted trial step now and then (the wait doubling after each trial
   that still loses) turns it back on at once when the text changes (a copy after chat). Probes and
   trials verify at most as many nodes a row as cost a batch, over its plain step, what they cost a
@@ -40,6 +41,9 @@ PROBE_EVERY, PROBE_NODES, PROBE_MAX = 8, 4, 64
 # One plain step in this many, to keep the guard's comparison current; rarer once drafting is
 # measured well ahead (each plain step gives up what drafting would have won).
 PLAIN_EVERY, PLAIN_EVERY_AHEAD, AHEAD = 8, 32, 1.3
+# Until the guard has a verdict: its GUARD_MIN plain steps come this often, so a losing start (a batch of
+# rows that do not copy) is judged in ~12 steps, not ~24. As many plain steps either way, only sooner.
+PLAIN_EVERY_COLD = 4
 GUARD_MIN = 3         # steps of each kind a batch-size class (or the pool) needs before the guard may act
 POOLED = None         # the speeds' key for all batch sizes together
 # Drafting is switched off as soon as its steps are measured slower per token than plain ones (no tolerance:
@@ -136,7 +140,7 @@ class SizingPolicy:
         if not self.guard:
             return None
         adv = self.advantage(rows)
-        every = PLAIN_EVERY_AHEAD if adv is not None and adv > AHEAD else PLAIN_EVERY
+        every = PLAIN_EVERY_COLD if adv is None else PLAIN_EVERY_AHEAD if adv > AHEAD else PLAIN_EVERY
         self.since_plain += 1
         if self.since_plain >= (2 * every if copy_run >= MIN_RUN else every):
             self.since_plain = 0

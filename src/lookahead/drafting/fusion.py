@@ -66,13 +66,16 @@ def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budge
     tick = itertools.count()  # tie-break: earlier-pushed first; never compare cursors
     _push(frontier, tick, 0, 1.0, cursors, budget.nodes, groups)
     while frontier and len(tokens) <= budget.nodes:
-        neg_score, _, parent, token, proposers, children = heapq.heappop(frontier)
+        neg_score, _, parent, token, proposers, live = heapq.heappop(frontier)
         tokens.append(token)
         parents.append(parent)
         scores.append(-neg_score)
         sources.append(proposers)
         depths.append(depths[parent] + 1)
         if depths[-1] < budget.depth:
+            # Every live source follows the token, proposer or not: a source may know what comes next. Only a
+            # popped node's cursors are moved on: most pushed candidates are never popped.
+            children = {name: (trust, cursor.child(token)) for name, (trust, cursor) in live.items()}
             _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens), groups)
     return ScoredTree(DraftTree(tokens, parents), scores, sources)
 
@@ -96,6 +99,4 @@ def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit:
     for p, token, proposers in heapq.nlargest(limit, candidates, key=lambda c: c[0]):
         if p <= 0:
             break
-        # Every live source follows the token, proposer or not: a source may know what comes next.
-        children = {name: (trust, cursor.child(token)) for name, (trust, cursor) in live.items()}
-        heapq.heappush(frontier, (-score * p, next(tick), parent, token, proposers, children))
+        heapq.heappush(frontier, (-score * p, next(tick), parent, token, proposers, live))
