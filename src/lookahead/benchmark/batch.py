@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"method": m, "seconds": seconds[m], "best_s": best, "tokens": tokens,
                      "tokens_per_s": tokens / best, "same_as_reference": same})
     loop = next(r for r in rows if r["method"] == "loop")["best_s"]
-    facts = run_facts(engine.model, f"{args.dtype}: {getattr(engine, 'dtype_reason', 'given')}")
+    facts = run_facts(engine.model, f"{args.dtype}: {engine.dtype_reason}")
     meta = {"model": args.model, "dtype": facts["torch_dtype"], "prompts": len(prompts), "max_new_tokens": n,
             "max_batch": args.max_batch, "rounds": args.rounds, "machine": _machine(), **facts,
             "command": "python -m lookahead.benchmark.batch " + " ".join(argv or sys.argv[1:]),

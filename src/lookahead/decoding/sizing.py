@@ -17,7 +17,7 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
 - a guard on realised speed: now and then a drafting step is run plain, and the measured time per
   emitted token of drafted and plain steps are compared, per batch-size class once that class has
   enough steps of each kind, else over all batch sizes pooled (under load rows come and go, and a
-  class alone may never gather enough; until it has, the plain steps come twice as often). Times are
+  class alone may never gather enough; until either has, the plain steps come twice as often). Times are
   kept in units of a plain step's cost for that batch size on the curve, so steps of different sizes
   compare. Where drafted steps are slower,
   drafting is switched off; a drafted trial step now and then (the wait doubling after each trial
