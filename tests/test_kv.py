@@ -55,3 +55,28 @@ def test_new_caches_are_append_caches():
     k, v = _states(1, 3, 0)
     cache.update(k, v, 0)
     assert type(cache.layers[0]) is AppendLayer
+
+
+def test_rows_write_their_new_keys_right_after_their_own_cached_keys():
+    cache = new_cache()
+    k, v = _states(2, 6, 0)
+    cache.update(k, v, 0)                 # two rows of 6 cached positions; say row 0 has 3 committed, row 1 all 6
+    k2, v2 = _states(2, 2, 1)
+    cache.starts = [3, 6]                 # the verifier's per-row write positions for one forward
+    keys, values = cache.update(k2, v2, 0)
+    cache.starts = None
+    assert keys.shape[-2] == 8            # the longest row's end
+    assert torch.equal(keys[0, :, :3], k[0, :, :3]) and torch.equal(keys[0, :, 3:5], k2[0])
+    assert torch.equal(values[1, :, :6], v[1]) and torch.equal(values[1, :, 6:8], v2[1])
+    assert torch.equal(keys[0, :, 7:], torch.zeros_like(keys[0, :, 7:]))  # never written: zero, never garbage
+
+
+def test_equal_write_positions_are_plain_appending():
+    cache, reference = new_cache(), DynamicLayer()
+    k, v = _states(2, 4, 0)
+    cache.update(k, v, 0)
+    reference.update(k, v)
+    k2, v2 = _states(2, 3, 1)
+    cache.starts = [4, 4]
+    keys, _ = cache.update(k2, v2, 0)
+    assert torch.equal(keys, reference.update(k2, v2)[0])

@@ -2,18 +2,21 @@
 
 Layout. The batch shares one DynamicCache whose layers hold [B, heads, L, head_dim]. Row i's
 committed keys sit at [0, past_i); [past_i, L) is padding that the mask hides (L = the longest
-row's past). A step right-pads every row's tree to q = the largest tree and appends those q
-query tokens for all rows, so after the forward the cache holds L + q positions per row:
+row's past). A step right-pads every row's tree to q = the largest tree and writes each row's q
+query tokens right after its own committed keys, over its padding, so after the forward the cache
+holds L + q positions per row:
 
-    row 0:  [ committed (past_0)   | pad          ][ tree 0 (n_0) | pad ]
+    row 0:  [ committed (past_0)   ][ tree 0 (n_0) | pad ][ stale      ]
     row 1:  [ committed (past_1)                  ][ tree 1 (n_1)       ]
             0                                     L                     L + q
 
 Each row's query i sees its committed prefix and its own tree ancestors (a padding query
 sees only itself, so every softmax row has one visible key), positions are past_i + depth.
+A row's visible keys are thus a prefix of its cache row, [0, past_i + q): attention need not
+read the longest row's length for every row (attention.py cuts rows to their own).
 `commit` moves each row's accepted nodes to [past_i, past_i + a_i) with one index copy per
-layer and crops to the new common length: a row's keys never move otherwise, so compaction
-costs O(accepted tokens), not O(cache).
+layer (nothing moves where the accepted path is the tree's first branch) and crops to the new
+common length: compaction costs O(accepted tokens), not O(cache).
 
 Rows join between steps (`add`: prefilled alone, then merged into the batch with padding)
 and leave between steps (`remove`: their cache rows are dropped at once). A row joining an empty
@@ -173,20 +176,22 @@ class Verifier(ModelBound):
             if p:
                 input_ids[i, :p] = torch.tensor(tail)
                 positions[i, :p] = torch.arange(past, past + p)
-                visible[i, :p, length: length + p] = torch.ones(p, p, dtype=torch.bool).tril()
-                visible[i, p: p + n, length: length + p] = True
+                visible[i, :p, past: past + p] = torch.ones(p, p, dtype=torch.bool).tril()
+                visible[i, p: p + n, past: past + p] = True
             input_ids[i, p: p + n] = torch.tensor(tree.tokens)
             positions[i, p: p + n] = tree.position_ids(past + p)
             positions[i, p + n:] = past  # padding queries: any valid position, their output is discarded
             visible[i, : p + n, :past] = True
-            visible[i, p: p + n, length + p: length + p + n] = tree.ancestor_mask()
-            visible[i, pad_q[p + n:], length + pad_q[p + n:]] = True
+            visible[i, p: p + n, past + p: past + p + n] = tree.ancestor_mask()
+            visible[i, pad_q[p + n:], past + pad_q[p + n:]] = True
         masks = {}
         for kind in set(self.types):
             seen = visible
             if kind == "sliding_attention" and self.window is not None:
-                # Cache column c of a row holds position c; tree columns hold the query positions.
-                k_pos = torch.cat([torch.arange(length).expand(batch, length), positions], dim=1)
+                # Cache column c of a row holds position c below its past, then its query tokens' positions.
+                k_pos = torch.arange(length + q).repeat(batch, 1)
+                for i, past in enumerate(self.past):
+                    k_pos[i, past: past + q] = positions[i]
                 seen = visible & (k_pos[:, None, :] > positions[:, :, None] - self.window)
             additive = torch.zeros(batch, q, length + q, dtype=self.dtype)
             additive.masked_fill_(~seen, torch.finfo(self.dtype).min)
@@ -205,8 +210,12 @@ class Verifier(ModelBound):
         q, tails = input_ids.shape[1], [len(tail) for tail in self.pending]
         # A lone row's pending tail needs no logits: keep the tree's (the query's last positions).
         keep = {"logits_to_keep": len(trees[0])} if len(trees) == 1 and tails[0] else {}
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         **keep, **{self.cache_arg: self.cache})
+        self.cache.starts = list(self.past)  # each row's block right after its own keys (see Layout)
+        try:
+            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                             **keep, **{self.cache_arg: self.cache})
+        finally:
+            self.cache.starts = None
         if not self.keys or not self.cache.layers:
             raise RuntimeError("the model did not fill the KV cache")
         if any(tails):  # this forward may have been the cache's first fill: check it as prefill does
@@ -220,21 +229,22 @@ class Verifier(ModelBound):
         """Keep each row's pending tail and accepted tree nodes (indices from the root, row order); drop the rest."""
         if self._step is None:
             raise RuntimeError("commit needs a verify first")
-        length, q, sizes = self._step
+        sizes = self._step[2]
         if len(accepted) != len(self.keys):
             raise ValueError(f"{len(accepted)} accepted paths for {len(self.keys)} rows")
         rows, dst, src = [], [], []
         for i, nodes in enumerate(accepted):
             if not nodes or nodes[0] != 0 or any(not 0 <= n < sizes[i] for n in nodes):
                 raise ValueError(f"row {i}: accepted nodes {list(nodes)} must start at the root and lie in its tree")
-            past, p = self.past[i], len(self.pending[i])
-            rows += [i] * (p + len(nodes))
-            dst += range(past, past + p + len(nodes))
-            src += [length + j for j in range(p)] + [length + p + n for n in nodes]
-            self.past[i] = past + p + len(nodes)
+            past = self.past[i] + len(self.pending[i])  # the tail stays where it is
+            moved = [(past + k, past + n) for k, n in enumerate(nodes) if k != n]
+            rows += [i] * len(moved)
+            dst += [d for d, _ in moved]
+            src += [s for _, s in moved]
+            self.past[i] = past + len(nodes)
         self.pending = [[] for _ in self.keys]
         self.length = max(self.past)
-        if dst != src:  # else every row is already in place (e.g. one row, first branch accepted)
+        if rows:  # else every accepted path is its tree's first branch: already in place
             r = torch.tensor(rows, device=self.device)
             d = torch.tensor(dst, device=self.device)
             s = torch.tensor(src, device=self.device)
