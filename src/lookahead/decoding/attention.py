@@ -73,9 +73,12 @@ def _plan(mask: torch.Tensor, groups: int, query_rows: int) -> tuple[list[tuple[
     """The runs of rows (see `runs`; from each row's last visible column) and the mask for packed heads."""
     entry = _memo.get(id(mask))
     if entry is None or entry[0] is not mask:
-        seen = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).any(1)  # [B, kv]
-        columns = torch.arange(1, seen.shape[1] + 1, device=mask.device)
-        extents = (seen * columns).amax(1).clamp(min=1).tolist()
+        if mask.shape[0] == 1:  # one row (a single request): nothing to cut, no pass over the mask
+            extents = [mask.shape[-1]]
+        else:
+            seen = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).any(1)  # [B, kv]
+            columns = torch.arange(1, seen.shape[1] + 1, device=mask.device)
+            extents = (seen * columns).amax(1).clamp(min=1).tolist()
         entry = (mask, extents, {})
         if len(_memo) >= MEMO:  # masks of past forwards: dropped whole (one call, safe with another thread reading)
             _memo.clear()
