@@ -169,6 +169,9 @@ def test_parse_method_names():
     v = parse_method("lookahead-warm-n16-d8-m3", DraftConfig(capacity=1000))
     assert v.warm and (v.draft_config.max_nodes, v.draft_config.max_depth, v.draft_config.max_match) == (16, 8, 3)
     assert v.draft_config.capacity == 1000
+    deep = parse_method("lookahead-c32").draft_config
+    assert (deep.copy_depth, deep.max_depth) == (32, DraftConfig().max_depth)
+    assert parse_method("lookahead-n8-d8-m2-c16").draft_config.copy_depth == 16
     only = parse_method("lookahead-warm-sprompt+history", DraftConfig(max_nodes=5))
     assert only.warm and only.draft_config.sources == ("prompt", "history") and only.draft_config.max_nodes == 5
     fixed = parse_method("lookahead-n24-d12-srecycle-fixed").draft_config

@@ -38,11 +38,26 @@ def test_stream_yields_the_same_text_as_generate(engine):
 
 
 def test_draft_budget_is_respected():
-    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(max_nodes=3, max_depth=2, sizing="fixed"))
+    engine = Engine(tiny_model("llama"), IdTokenizer(),
+                    DraftConfig(max_nodes=3, max_depth=2, copy_depth=2, sizing="fixed"))
     engine.generate(PROMPT, max_new_tokens=30)
     out = engine.generate(PROMPT, max_new_tokens=30)
     assert max(out.stats.accepted) <= 3  # depth 2 + bonus token
     assert out.stats.draft_tokens <= 3 * out.stats.steps
+
+
+def test_a_row_copying_its_context_drafts_as_deep_as_copy_depth():
+    """Once the output has copied its context for a whole branch, the copy chain may run to copy_depth: steps
+    accept more than max_depth + 1 tokens there, never more than copy_depth + 1, and the output is the same."""
+    model = tiny_model("llama")
+    prompt = [5, 17, 33, 2, 61, 8, 40, 12, 71, 3, 29, 54] * 4  # the tiny model continues the repeat
+    runs = {}
+    for copy_depth in (4, 10):
+        engine = Engine(model, IdTokenizer(), DraftConfig(max_nodes=4, max_depth=4, copy_depth=copy_depth,
+                                                          sizing="fixed"))
+        runs[copy_depth] = engine.generate(prompt, max_new_tokens=60)
+    assert runs[4].token_ids == runs[10].token_ids
+    assert max(runs[4].stats.accepted) <= 5 < max(runs[10].stats.accepted) <= 11
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -251,6 +251,22 @@ def test_ngram_index_follows_the_copy_across_an_edit():
     assert index.cursor().next(1)[0][0] == 10           # lined up again: copying from 10 on
 
 
+def test_a_copy_that_has_held_longer_is_proposed_with_more_confidence():
+    """The copy pointer's chain carries (r + 1) / (r + 2) after r copied tokens (at least COPY_P): a long copy
+    outranks a tree's alternatives deep down, where a fixed 0.9 a token fell below them after ~15 tokens."""
+    from lookahead.drafting.ngram import COPY_P
+    source = list(range(10, 70))
+    confidence = {}
+    for run in (4, 10, 40):
+        copy = NgramIndex(max_ngram=3)
+        copy.extend(source + [99] + source[:run])
+        assert copy.copy_run == run
+        (token, p), = copy.cursor().next(1)
+        assert token == source[run]
+        confidence[run] = p
+    assert confidence[4] == COPY_P < confidence[10] == 11 / 12 < confidence[40] == 41 / 42
+
+
 def test_a_resume_point_waits_inside_the_draft_while_it_goes_through_an_insertion():
     index = NgramIndex(max_ngram=3)
     index.extend([5, 6, 7, 8, 9, 10, 11, 12] + [5, 6, 7, 8, 60])   # the copy broke at 60 (the source had 9)

@@ -47,7 +47,8 @@ def test_a_traced_decode_accounts_for_every_copyable_token(real_engine):
     """On the real model: each copyable token is accepted or charged once; tight caps show up as capped."""
     prompt = real_engine.encode([{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the "
                                                              "lazy dog while the cat sleeps on the warm mat."}])
-    tight = Engine(real_engine.model, real_engine.tokenizer, DraftConfig(max_nodes=2, max_depth=2, sizing="fixed"),
+    tight = Engine(real_engine.model, real_engine.tokenizer,
+                   DraftConfig(max_nodes=2, max_depth=2, copy_depth=2, sizing="fixed"),
                    cost=real_engine.cost)
     def accounted(t: dict) -> bool:
         return t["copyable"] == t["accepted"] - t.get("beyond", 0) + lost(t)

@@ -43,6 +43,9 @@ class DraftConfig:
     # caps cost nothing where chains are short and let copy-heavy text (code) accept 8+ tokens a step.
     max_nodes: int = 12       # draft nodes verified per step at most (root excluded)
     max_depth: int = 12       # longest branch
+    # A row that has copied its context for a whole branch (an edit, a quote) drafts up to this deep (and as
+    # many more nodes): its copy chain is still right where the caps cut it (README "How much is verified").
+    copy_depth: int = 24      # <= max_depth: no deeper while copying
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
     # Fused into one tree: prompt, history (the tries), recycle, ngram. With measured sizing: 1.43x vs
@@ -55,7 +58,7 @@ class DraftConfig:
     recycle_k: int = 8        # next-token guesses kept per token by the recycle table
 
     def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_depth", "max_match", "capacity", "recycle_k"):
+        for name in ("max_nodes", "max_depth", "copy_depth", "max_match", "capacity", "recycle_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DraftConfig.{name} must be >= 1")
         if self.sizing not in ("measured", "fixed"):
@@ -145,8 +148,9 @@ class Engine:
         `prefill_chunk`: most prompt tokens prefilled per step for rows joining a running batch (None:
         whole); `max_cache_tokens`: bound of the batch's padded KV cache (None: unbounded)."""
         cfg = self.draft_config
+        extra = max(0, cfg.copy_depth - cfg.max_depth)
         return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost,
-                       prefill_chunk, max_cache_tokens)
+                       prefill_chunk, max_cache_tokens, copy_caps=Budget(cfg.max_nodes + extra, cfg.max_depth + extra))
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,

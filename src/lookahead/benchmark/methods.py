@@ -4,7 +4,8 @@
 - pld / pld-nN: transformers prompt lookup, `prompt_lookup_num_tokens=10`, `max_matching_ngram_size=N`
 - assisted: transformers assisted generation with a small draft model of the same tokenizer
 - lookahead: this engine with a *cold* trie; lookahead-warm: the trie warmed from the train split
-- lookahead[-warm]-nA-dB-mC: the same with DraftConfig(max_nodes=A, max_depth=B, max_match=C), for tuning
+- lookahead[-warm]-nA-dB-mC-cD: the same with DraftConfig(max_nodes=A, max_depth=B, max_match=C, copy_depth=D),
+  for tuning (each part optional after `-nA-dB`; `-cD` alone sets only the depth while copying)
 - ablations: a `-sSRC+SRC` suffix keeps only those draft sources (e.g. `lookahead-sprompt+history`),
   `-fixed` verifies the whole budget every step instead of the measured size (`lookahead-n24-d12-fixed`)
 - plain: this engine's own loop without drafting (what drafting is measured against, loop costs equal)
@@ -31,7 +32,7 @@ from .stats import BASELINE, COPY_ORACLE, PLAIN, Record
 
 PLD_TOKENS = 10
 DEFAULT_PLD_NGRAM = 3
-_LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?"
+_LOOKAHEAD = re.compile(r"^lookahead(?P<warm>-warm)?(?:-n(?P<n>\d+)-d(?P<d>\d+)(?:-m(?P<m>\d+))?)?(?:-c(?P<c>\d+))?"
                         r"(?:-s(?P<src>[a-z]+(?:\+[a-z]+)*))?(?P<fixed>-fixed)?$")
 _PLD = re.compile(r"^pld(?:-n(?P<n>\d+))?$")
 _ORACLE = re.compile(r"^(?P<copy>copy-)?oracle(?:-L(?P<length>\d+))?$")
@@ -62,7 +63,7 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
         return MethodSpec(name, "pld", ngram=int(m["n"]) if m["n"] else DEFAULT_PLD_NGRAM)
     if m := _LOOKAHEAD.match(name):
         cfg = None
-        if m["n"] or m["src"] or m["fixed"]:
+        if m["n"] or m["c"] or m["src"] or m["fixed"]:
             cfg = base = base or DraftConfig()
         if m["n"]:
             cfg = replace(cfg, max_nodes=int(m["n"]), max_depth=int(m["d"]),
@@ -72,11 +73,14 @@ def parse_method(name: str, base: DraftConfig | None = None) -> MethodSpec:
             if unknown := set(sources) - set(SOURCES):
                 raise ValueError(f"method {name!r}: unknown draft sources {sorted(unknown)}; choose from {SOURCES}")
             cfg = replace(cfg, sources=sources)
+        if m["c"]:
+            cfg = replace(cfg, copy_depth=int(m["c"]))
         if m["fixed"]:
             cfg = replace(cfg, sizing="fixed")
         return MethodSpec(name, "lookahead", warm=bool(m["warm"]), draft_config=cfg)
     raise ValueError(f"unknown method {name!r}: use baseline, pld, pld-nN, assisted, plain, [copy-]oracle[-LN], "
-                     "lookahead, lookahead-warm, or lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-sSRC+SRC][-fixed]")
+                     "lookahead, lookahead-warm, or "
+                     "lookahead[-warm][-nNODES-dDEPTH[-mMATCH]][-cDEPTH][-sSRC+SRC][-fixed]")
 
 
 class ForwardMeter:

@@ -38,7 +38,7 @@ ROUNDS = 16          # most runs to learn an answer (each fixes the places where
 
 def oracle_config(length: int) -> DraftConfig:
     """Chains of `length` tokens, verified whole every step (no sizing: the oracle is never wrong)."""
-    return DraftConfig(max_nodes=length, max_depth=length, sizing="fixed")
+    return DraftConfig(max_nodes=length, max_depth=length, copy_depth=length, sizing="fixed")
 
 
 def copied(context: Sequence[int], chain: Sequence[int]) -> list[int]:

@@ -72,9 +72,10 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
                  caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None,
-                 max_cache_tokens: int | None = MAX_CACHE_TOKENS) -> None:
+                 max_cache_tokens: int | None = MAX_CACHE_TOKENS, copy_caps: Budget | None = None) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
+        self.copy_caps = copy_caps or caps  # for a row that has copied its context for a whole branch
         self.prefill_chunk = prefill_chunk  # None: a joining prompt is prefilled whole, at once
         self.max_cache_tokens = max_cache_tokens
         self.rows: list[_Row] = []
@@ -258,7 +259,7 @@ class Decoder:
 
     def _draft(self, plan: Choice | None) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root."""
-        caps, trees, seconds = self.caps, [], []
+        trees, seconds = [], []
         for row in self.rows:
             t = time.perf_counter()
             request = row.request
@@ -267,6 +268,7 @@ class Decoder:
             if row.drafter is None or room <= 0 or (plan is not None and plan.kind != "probe"):
                 trees.append(DraftTree.root_only(root))
             else:
+                caps = self.copy_caps if row.drafter.copy_run >= self.caps.depth else self.caps
                 nodes = caps.nodes if request.max_draft is None else min(caps.nodes, request.max_draft)
                 if plan is not None:  # a probe: a small tree
                     nodes = min(nodes, plan.nodes)

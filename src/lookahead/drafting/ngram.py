@@ -16,6 +16,9 @@ itself, as an editor reads a diff:
 Each draft is a chain that may run as deep as the budget allows. A suffix lookup's chain carries its
 n-gram's confidence at every token; a copy or resume chain carries its kind's confidence at its first
 token and `FOLLOW` after it: once the output has lined up with the source again, the rest is a copy.
+A copy that has held for r tokens carries (r + 1) / (r + 2) instead where that is higher (the rule of
+succession): on an edit copying a 100-token function, a fixed 0.9 a token let the tree's alternatives
+take 9 of 24 nodes while the copy chain, cut at depth 15, was accepted whole.
 """
 from __future__ import annotations
 
@@ -85,7 +88,10 @@ class NgramIndex:
         ctx = self.context
         chains: list[Chain] = []
         if self.copying:
-            chains.append((self.copy, COPY_P, FOLLOW, False))
+            # A copy that has held for r tokens goes on with probability (r + 1) / (r + 2) (the rule of
+            # succession): a long copy's chain then outranks the tree's alternatives deep down.
+            p = (self.run + 1) / (self.run + 2)
+            chains.append((self.copy, max(COPY_P, p), max(FOLLOW, p), False))
         if self.broken is not None:
             chains += [(self.broken, RESUME_P, FOLLOW, True), (self.broken + 1, SUBSTITUTE_P, FOLLOW, True)]
         for n in range(min(self.max_ngram, len(ctx)), 0, -1):
