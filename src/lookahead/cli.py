@@ -22,7 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     sampling = _sampling(args)  # bad flags fail before the model loads
     sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
-                               ("sizing", args.sizing)) if v is not None}
+                               ("copy_depth", args.copy_depth), ("sizing", args.sizing)) if v is not None}
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device,
                             draft_config=lookahead.DraftConfig(**sizes), deterministic=args.deterministic,
                             kernels=args.kernels)
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-nodes", type=int, default=None, help="draft nodes per step")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
+    gen.add_argument("--copy-depth", type=int, default=None,
+                     help="longest draft branch while the output copies its context (default 24)")
     gen.add_argument("--sizing", choices=("measured", "fixed"), default=None,
                      help="draft tree size: chosen per step from the measured verify cost (default), or always max")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")

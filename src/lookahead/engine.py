@@ -44,7 +44,7 @@ class DraftConfig:
     max_nodes: int = 12       # draft nodes verified per step at most (root excluded)
     max_depth: int = 12       # longest branch
     # A row that has copied its context for a whole branch (an edit, a quote) drafts up to this deep (and as
-    # many more nodes): its copy chain is still right where the caps cut it (README "How much is verified").
+    # many more nodes): its copy chain is still right where the caps cut it (README "Deeper while copying").
     copy_depth: int = 24      # <= max_depth: no deeper while copying
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie

@@ -58,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "across the run's prompts, as a server's would")
     p.add_argument("--max-nodes", type=int, default=None, help="DraftConfig.max_nodes for lookahead")
     p.add_argument("--max-depth", type=int, default=None, help="DraftConfig.max_depth for lookahead")
+    p.add_argument("--copy-depth", type=int, default=None, help="DraftConfig.copy_depth for lookahead")
     p.add_argument("--max-match", type=int, default=None, help="DraftConfig.max_match for lookahead")
     p.add_argument("--repeats", type=int, default=1, help="runs per prompt and method (interleaved); the fastest "
                    "counts: on a shared machine interference only ever adds time")
@@ -153,7 +154,7 @@ def _command(args, methods: list[str]) -> str:
         parts += [f"--warm-source {args.warm_source}", f"--warm-limit {args.warm_limit}"]
     if args.trie_scope != "prompt":
         parts.append(f"--trie-scope {args.trie_scope}")
-    for flag in ("max_nodes", "max_depth", "max_match", "assistant"):
+    for flag in ("max_nodes", "max_depth", "copy_depth", "max_match", "assistant"):
         if getattr(args, flag) is not None:
             parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
     if args.sampling:
@@ -192,7 +193,7 @@ def _load_engine(args):
     import lookahead
 
     sizes = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth),
-                               ("max_match", args.max_match)) if v is not None}
+                               ("copy_depth", args.copy_depth), ("max_match", args.max_match)) if v is not None}
     engine = lookahead.load(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                             draft_config=lookahead.DraftConfig(**sizes))
     # Results are named and recorded by the dtype that ran (auto resolves here); other models load in it.

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
                        help="measured (default): trees cut to what pays on the measured cost curve for the "
                        "batch; fixed: whole trees every step")
     serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
+    serve.add_argument("--copy-depth", type=int, default=None,
+                       help="longest draft branch while a row copies its context (default 24)")
     serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
     serve.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     serve.add_argument("--temperature", type=float, default=0.0,
@@ -63,6 +65,7 @@ def add_parser(sub) -> None:
 def _draft_config(args: argparse.Namespace):
     from ..engine import DraftConfig
     sizes = {k: v for k, v in (("max_nodes", getattr(args, "max_nodes", None)), ("max_depth", args.max_depth),
+                               ("copy_depth", getattr(args, "copy_depth", None)),
                                ("capacity", args.trie_capacity), ("sizing", getattr(args, "sizing", None)))
              if v is not None}
     return DraftConfig(**sizes)
