@@ -53,7 +53,7 @@ class Verifier(ModelBound):
         self.past: list[int] = []        # committed tokens in each row's cache
         self.pending: list[list[int]] = []  # committed tokens not cached yet (a lone row's prompt tail)
         self.length = 0                  # L: common cache length (max past)
-        self._step: tuple[int, int, list[int]] | None = None  # (L, q, tree sizes) between verify and commit
+        self._step: tuple[int, list[int]] | None = None  # (L, tree sizes) between verify and commit
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -220,7 +220,7 @@ class Verifier(ModelBound):
             raise RuntimeError("the model did not fill the KV cache")
         if any(tails):  # this forward may have been the cache's first fill: check it as prefill does
             check_cache(self.cache)
-        self._step = (self.length, q, [len(t) for t in trees])
+        self._step = (self.length, [len(t) for t in trees])
         first = q - out.logits.shape[1]  # query position of the first logits row
         return [out.logits[i, p - first: p - first + len(t)] for i, (t, p) in enumerate(zip(trees, tails, strict=True))]
 
@@ -229,7 +229,7 @@ class Verifier(ModelBound):
         """Keep each row's pending tail and accepted tree nodes (indices from the root, row order); drop the rest."""
         if self._step is None:
             raise RuntimeError("commit needs a verify first")
-        sizes = self._step[2]
+        sizes = self._step[1]
         if len(accepted) != len(self.keys):
             raise ValueError(f"{len(accepted)} accepted paths for {len(self.keys)} rows")
         rows, dst, src = [], [], []
