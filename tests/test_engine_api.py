@@ -5,6 +5,7 @@ import pytest
 
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, Engine
+from lookahead.decoding.cost import CostModel
 
 PROMPT = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
 
@@ -58,6 +59,17 @@ def test_a_row_copying_its_context_drafts_as_deep_as_copy_depth():
         runs[copy_depth] = engine.generate(prompt, max_new_tokens=60)
     assert runs[4].token_ids == runs[10].token_ids
     assert max(runs[4].stats.accepted) <= 5 < max(runs[10].stats.accepted) <= 11
+
+
+def test_the_node_cap_widens_only_where_the_measured_verify_cost_is_flat():
+    """A GPU-like curve (four times the tokens for 1.05x the time) widens the default tree to 4 x 12 nodes; a
+    CPU-like one keeps 12; a cap the user gives is kept either way."""
+    model = tiny_model("llama")
+    flat = CostModel([1, 16, 64, 128], [1.0, 1.0, 1.05, 1.1])
+    steep = CostModel([1, 16, 64, 128], [1.0, 1.9, 3.5, 6.0])
+    assert Engine(model, IdTokenizer(), cost=flat).decoder().caps.nodes == 48
+    assert Engine(model, IdTokenizer(), cost=steep).decoder().caps.nodes == 12
+    assert Engine(model, IdTokenizer(), DraftConfig(max_nodes=12), cost=flat).decoder().caps.nodes == 12
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -14,7 +14,7 @@ import torch
 
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, DraftTree, Engine
-from lookahead.decoding.cost import CostModel, measure_cost
+from lookahead.decoding.cost import CostModel, flat_span, measure_cost
 from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, Choice, SizingPolicy, best_cut
 
 COPY = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
@@ -458,3 +458,9 @@ def test_steps_of_requests_that_do_not_draft_are_plain_steps_for_the_guard():
     engine = Engine(tiny_model("llama", seed=1), IdTokenizer(), DraftConfig(), cost=CostModel([1, 2], [1.0, 1.0]))
     engine.generate(COPY, max_new_tokens=12, draft=False)
     assert engine.sizing.speeds and not any(drafted for _, drafted in engine.sizing.speeds)
+
+
+def test_flat_span_is_how_much_wider_a_tree_costs_next_to_nothing():
+    assert flat_span(CostModel([1, 16, 128], [1.0, 1.0, 1.05]), 13) == 4        # a GPU: flat to 128 tokens
+    assert flat_span(CostModel([1, 32, 64], [1.0, 1.0, 2.0]), 13) == 2         # flat to 32, then steep
+    assert flat_span(CostModel([1, 2, 16, 128], [1.0, 1.6, 1.9, 6.0]), 13) == 1  # a CPU

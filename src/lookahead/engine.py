@@ -19,7 +19,7 @@ from .chat import encode_messages
 from .decoding.accept import accept_greedy
 from .decoding.attention import NAME as GROUPED
 from .decoding.attention import use_grouped
-from .decoding.cost import CostModel, drafting_rate, load_cost, measure_cost
+from .decoding.cost import CostModel, drafting_rate, flat_span, load_cost, measure_cost
 from .decoding.invariant import is_invariant, make_invariant
 from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, unpack_linears
 from .decoding.sampling import SamplingParams
@@ -34,14 +34,16 @@ from .models import default_device, load_model
 from .request import GenerationOutput, Request
 
 Prompt = str | Sequence[dict] | Sequence[int]
+NODES = 12  # the default node cap where verify cost grows with the tree (CPUs)
 
 
 @dataclass(frozen=True)
 class DraftConfig:
-    """Draft tree budget and trie settings. Defaults tuned on the CPU benchmark (bf16)."""
+    """Draft tree budget and trie settings. Defaults tuned on the CPU benchmark; the node cap widens on a GPU."""
     # Caps, not sizes: the measured sizing verifies only the part of the tree that pays, so deep
     # caps cost nothing where chains are short and let copy-heavy text (code) accept 8+ tokens a step.
-    max_nodes: int = 12       # draft nodes verified per step at most (root excluded)
+    max_nodes: int | None = None  # draft nodes verified per step at most (root excluded); None: NODES, or up
+    #                               to 4x that where the measured verify cost is flat (`Engine.max_nodes`)
     max_depth: int = 12       # longest branch
     # A row that has copied its context for a whole branch (an edit, a quote) drafts up to this deep (and as
     # many more nodes): its copy chain is still right where the caps cut it (README "Deeper while copying").
@@ -59,7 +61,7 @@ class DraftConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_depth", "copy_depth", "max_match", "capacity", "recycle_k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"DraftConfig.{name} must be >= 1")
         if self.sizing not in ("measured", "fixed"):
             raise ValueError("DraftConfig.sizing must be 'measured' or 'fixed'")
@@ -87,6 +89,9 @@ class Engine:
             # Tiny unnamed models are measured afresh (milliseconds); named ones once per machine.
             cost = load_cost(model, _cost_key(model)) if self.model_id else measure_cost(model, context=64)
         self.cost = cost if cfg.sizing == "measured" else None
+        # Unless given, the node cap widens where the measured curve says wider trees are next to free (a GPU:
+        # on an H200, caps 48 / 16 decoded SmolLM2 ~1.2x faster than 12 / 12, README "On a GPU").
+        self.max_nodes = cfg.max_nodes or NODES * (flat_span(self.cost, NODES + 1) if self.cost else 1)
         # One policy for every request of this engine (pass one to share it between engines on one
         # model): what it learns about the machine, e.g. that drafting loses here, is kept.
         self.sizing = sizing or SizingPolicy(self.cost, guard=cfg.sizing == "measured")
@@ -149,8 +154,8 @@ class Engine:
         whole); `max_cache_tokens`: bound of the batch's padded KV cache (None: unbounded)."""
         cfg = self.draft_config
         extra = max(0, cfg.copy_depth - cfg.max_depth)
-        return Decoder(self.model, self.state, self.sizing, Budget(cfg.max_nodes, cfg.max_depth), self.cost,
-                       prefill_chunk, max_cache_tokens, copy_caps=Budget(cfg.max_nodes + extra, cfg.max_depth + extra))
+        return Decoder(self.model, self.state, self.sizing, Budget(self.max_nodes, cfg.max_depth), self.cost,
+                       prefill_chunk, max_cache_tokens, copy_caps=Budget(self.max_nodes + extra, cfg.max_depth + extra))
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
@@ -277,6 +282,10 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
     # The curve the choice read is not read again (deterministic kernels have their own).
     engine = Engine(model, tokenizer, draft_config, cost=None if deterministic else cost, deterministic=deterministic)
     engine.dtype_reason = reason
+    if engine.max_nodes > (engine.draft_config.max_nodes or NODES):
+        wide = engine.max_nodes + 1
+        print(f"[lookahead] draft trees up to {engine.max_nodes} nodes: a {wide}-token verify forward costs "
+              f"{engine.cost(wide) / engine.cost(NODES + 1):.2f}x a {NODES + 1}-token one here", file=sys.stderr)
     # Everything loaded so far (model, tokenizer, libraries: ~430k objects for SmolLM2) lives as long as the
     # process: frozen, Python's full collections, which the drafters' trie nodes trigger, skip it (measured:
     # 0.24 s a pass before, 0.02 s after, Zen 3). vLLM freezes its heap after start-up for the same reason.

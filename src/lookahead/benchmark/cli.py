@@ -371,7 +371,7 @@ def _bench(args) -> int:
             "repeats": args.repeats,
             "max_new_tokens": args.max_new_tokens, "max_prompt_chars": args.max_prompt_chars,
             "assistant": assistant_name if assistant is not None else None,
-            "draft_config": {"max_nodes": cfg.max_nodes, "max_depth": cfg.max_depth, "copy_depth": cfg.copy_depth,
+            "draft_config": {"max_nodes": engine.max_nodes, "max_depth": cfg.max_depth, "copy_depth": cfg.copy_depth,
                              "max_match": cfg.max_match, "capacity": cfg.capacity},
             "pld": {"prompt_lookup_num_tokens": 10}, "near_tie": threshold,
             "warm_source": args.warm_source, "warm_limit": args.warm_limit, "trie_scope": args.trie_scope,

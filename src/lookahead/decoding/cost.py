@@ -102,6 +102,16 @@ class CostModel:
                                                                                    strict=True)) + ")"
 
 
+def flat_span(cost: CostModel, tokens: int, most: int = 4, tolerance: float = 1.1) -> int:
+    """The largest m in 1, 2, 4 ... `most` for which a forward over m * `tokens` query tokens costs at most
+    `tolerance` times one over `tokens`: how much wider a tree is next to free on this curve (CPUs: 1; an
+    H200 running SmolLM2-135M at launch overhead: t(128)/t(1) = 1.08, so 4)."""
+    m = 1
+    while 2 * m <= most and cost(2 * m * tokens) <= tolerance * cost(tokens):
+        m *= 2
+    return m
+
+
 def drafting_rate(cost: CostModel, accept: float = 0.7, depth: int = 16) -> float:
     """Tokens per second of the best chain length when each draft node is accepted with `accept`."""
     return max(sum(accept ** i for i in range(n + 1)) / cost(n + 1) for n in range(depth + 1))

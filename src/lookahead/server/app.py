@@ -481,7 +481,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
 
     def policy_info() -> dict[str, Any]:
         cfg, sizing = engine.draft_config, engine.sizing
-        info: dict[str, Any] = {"max_nodes": cfg.max_nodes, "max_depth": cfg.max_depth, "copy_depth": cfg.copy_depth,
+        info: dict[str, Any] = {"max_nodes": engine.max_nodes, "max_depth": cfg.max_depth, "copy_depth": cfg.copy_depth,
                                 "sizing": cfg.sizing}
         if engine.cost is not None:
             info["cost_ms"] = {t: round(1000 * s, 2) for t, s in zip(engine.cost.tokens, engine.cost.seconds,

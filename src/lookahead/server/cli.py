@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     serve.add_argument("--max-cache-tokens", type=int, default=None, help="bound of the batch's KV cache in tokens "
                        "(rows x longest row, padded; default 16384): long prompts wait for room")
-    serve.add_argument("--max-nodes", type=int, default=None, help="draft nodes per row at most")
+    serve.add_argument("--max-nodes", type=int, default=None,
+                       help="draft nodes per row at most (default 12, up to 48 where verify cost is flat)")
     serve.add_argument("--sizing", choices=["measured", "fixed"], default=None,
                        help="measured (default): trees cut to what pays on the measured cost curve for the "
                        "batch; fixed: whole trees every step")
