@@ -6,6 +6,7 @@ import pytest
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.decoding.cost import CostModel
+from lookahead.decoding.sizing import SizingPolicy
 
 PROMPT = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
 
@@ -70,6 +71,23 @@ def test_the_node_cap_widens_only_where_the_measured_verify_cost_is_flat():
     assert Engine(model, IdTokenizer(), cost=flat).decoder().caps.nodes == 48
     assert Engine(model, IdTokenizer(), cost=steep).decoder().caps.nodes == 12
     assert Engine(model, IdTokenizer(), DraftConfig(max_nodes=12), cost=flat).decoder().caps.nodes == 12
+
+
+def test_a_widened_node_cap_is_shared_by_a_batchs_rows(monkeypatch):
+    """Building a tree costs CPU time per node, which the verify curve does not count: under a cap widened to 48,
+    four rows in one batch draft 12 nodes each, a lone request 48."""
+    from lookahead.drafting.drafter import Drafter
+    asked, propose = [], Drafter.propose
+    monkeypatch.setattr(Drafter, "propose", lambda self, context, budget: asked.append(budget.nodes)
+                        or propose(self, context, budget))
+    flat = CostModel([1, 16, 64, 128], [1.0, 1.0, 1.05, 1.1])
+    engine = Engine(tiny_model("llama"), IdTokenizer(), DraftConfig(copy_depth=12), cost=flat,
+                    sizing=SizingPolicy(flat, guard=False))
+    engine.generate_batch([PROMPT] * 4, max_new_tokens=8, max_batch=4, progress=False)
+    in_batch = set(asked)
+    asked.clear()
+    engine.generate(PROMPT, max_new_tokens=8)
+    assert in_batch == {12} and set(asked) == {48}
 
 
 @pytest.mark.parametrize("bad, message", [

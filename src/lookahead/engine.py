@@ -155,7 +155,8 @@ class Engine:
         cfg = self.draft_config
         extra = max(0, cfg.copy_depth - cfg.max_depth)
         return Decoder(self.model, self.state, self.sizing, Budget(self.max_nodes, cfg.max_depth), self.cost,
-                       prefill_chunk, max_cache_tokens, copy_caps=Budget(self.max_nodes + extra, cfg.max_depth + extra))
+                       prefill_chunk, max_cache_tokens, copy_caps=Budget(self.max_nodes + extra, cfg.max_depth + extra),
+                       row_nodes=cfg.max_nodes or NODES)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,

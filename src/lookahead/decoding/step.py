@@ -72,10 +72,15 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
                  caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None,
-                 max_cache_tokens: int | None = MAX_CACHE_TOKENS, copy_caps: Budget | None = None) -> None:
+                 max_cache_tokens: int | None = MAX_CACHE_TOKENS, copy_caps: Budget | None = None,
+                 row_nodes: int | None = None) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
         self.copy_caps = copy_caps or caps  # for a row that has copied its context for a whole branch
+        # A node cap widened for a flat verify curve (Engine.max_nodes) is shared by a batch's rows, down to
+        # `row_nodes` a row: building a tree costs CPU time per node, which the curve does not count, and wide
+        # trees were measured for single requests only.
+        self.row_nodes = caps.nodes if row_nodes is None else min(row_nodes, caps.nodes)
         self.prefill_chunk = prefill_chunk  # None: a joining prompt is prefilled whole, at once
         self.max_cache_tokens = max_cache_tokens
         self.rows: list[_Row] = []
@@ -260,6 +265,7 @@ class Decoder:
     def _draft(self, plan: Choice | None) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root."""
         trees, seconds = [], []
+        spare = self.caps.nodes - max(self.row_nodes, self.caps.nodes // max(len(self.rows), 1))
         for row in self.rows:
             t = time.perf_counter()
             request = row.request
@@ -269,7 +275,8 @@ class Decoder:
                 trees.append(DraftTree.root_only(root))
             else:
                 caps = self.copy_caps if row.drafter.copy_run >= self.caps.depth else self.caps
-                nodes = caps.nodes if request.max_draft is None else min(caps.nodes, request.max_draft)
+                nodes = caps.nodes - spare
+                nodes = nodes if request.max_draft is None else min(nodes, request.max_draft)
                 if plan is not None:  # a probe: a small tree
                     nodes = min(nodes, plan.nodes)
                 trees.append(row.drafter.propose(request.context, Budget(nodes, min(caps.depth, room))))
