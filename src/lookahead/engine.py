@@ -91,6 +91,7 @@ class Engine:
         self.cost = cost if cfg.sizing == "measured" else None
         # Unless given, the node cap widens where the measured curve says wider trees are next to free (a GPU:
         # on an H200, SmolLM2 decoded 1.32x faster with 48 nodes than with 12, README "On a GPU").
+        self.row_nodes = cfg.max_nodes or NODES  # a row's cap in a batch of many (Decoder)
         self.max_nodes = cfg.max_nodes or NODES * (flat_span(self.cost, NODES + 1) if self.cost else 1)
         # One policy for every request of this engine (pass one to share it between engines on one
         # model): what it learns about the machine, e.g. that drafting loses here, is kept.
@@ -156,7 +157,7 @@ class Engine:
         extra = max(0, cfg.copy_depth - cfg.max_depth)
         return Decoder(self.model, self.state, self.sizing, Budget(self.max_nodes, cfg.max_depth), self.cost,
                        prefill_chunk, max_cache_tokens, copy_caps=Budget(self.max_nodes + extra, cfg.max_depth + extra),
-                       row_nodes=cfg.max_nodes or NODES)
+                       row_nodes=self.row_nodes)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,
@@ -283,7 +284,7 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
     # The curve the choice read is not read again (deterministic kernels have their own).
     engine = Engine(model, tokenizer, draft_config, cost=None if deterministic else cost, deterministic=deterministic)
     engine.dtype_reason = reason
-    if engine.max_nodes > (engine.draft_config.max_nodes or NODES):
+    if engine.max_nodes > engine.row_nodes:
         wide = engine.max_nodes + 1
         print(f"[lookahead] draft trees up to {engine.max_nodes} nodes: a {wide}-token verify forward costs "
               f"{engine.cost(wide) / engine.cost(NODES + 1):.2f}x a {NODES + 1}-token one here", file=sys.stderr)
