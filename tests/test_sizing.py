@@ -198,10 +198,10 @@ def test_sizing_policy_without_a_curve_verifies_whole_trees():
 
 # -- dtype="auto": chosen from the CPU's capabilities and the measured cost ---------------------------
 def test_auto_dtype_keeps_fp32_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
-    from lookahead.engine import _cpu_choice
+    from lookahead.engine import _auto_choice
     monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    model, reason, _ = _cpu_choice(tiny_model("llama"))
+    model, reason, _ = _auto_choice(tiny_model("llama"), "cpu")
     assert next(model.parameters()).dtype == torch.float32 and "no native bf16" in reason
 
 
@@ -219,7 +219,7 @@ FAST, SLOW = [0.010, 0.011, 0.012, 0.013, 0.015], [0.010, 0.020, 0.040, 0.080, 0
 def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_path, curves, chosen, linears):
     from lookahead.decoding.cost import cost_path
     from lookahead.decoding.kernels import linear_kernels
-    from lookahead.engine import _cpu_choice
+    from lookahead.engine import _auto_choice
     monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     model = tiny_model("llama")
@@ -236,7 +236,7 @@ def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_pa
         return lambda m: setattr(m, "_lookahead_kernels", kind)
     monkeypatch.setattr("lookahead.engine.pack_linears", mark("packed"))
     monkeypatch.setattr("lookahead.engine.unpack_linears", mark("eager"))
-    model, reason, cost = _cpu_choice(model)
+    model, reason, cost = _auto_choice(model, "cpu")
     assert next(model.parameters()).dtype == chosen and linear_kernels(model) == linears, reason
     assert "measured tok/s with drafting" in reason and cost.seconds[0] == curves[
         (str(chosen).removeprefix("torch."), linears)][0]  # the engine gets the chosen candidate's curve

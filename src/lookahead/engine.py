@@ -268,17 +268,15 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
         kernels = EAGER  # packed weights would be measured and kept, then never run
     device = device or default_device()
     cost, reason = None, "given"
-    if dtype != "auto" or device.startswith("cuda"):
-        model, tokenizer = load_model(source, dtype=torch.bfloat16 if dtype == "auto" else dtype, device=device)
-        if dtype == "auto":
-            reason = "bfloat16 (CUDA: bf16 matmuls run at full speed)"
+    if dtype != "auto":
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
         half = next(model.parameters()).dtype == torch.bfloat16
         if kernels == PACKED or (kernels == "auto" and half and can_pack(model)):
             options = [(model, PACKED)] if kernels == PACKED else [(model, EAGER), (model, PACKED)]
             model, reason, cost = _fastest(options)
-    else:
-        model, tokenizer = load_model(source, dtype=torch.float32, device=device)
-        model, reason, cost = _cpu_choice(model, None if kernels == "auto" else kernels)
+    else:  # fp32 read on the host; the choice moves it to the device
+        model, tokenizer = load_model(source, dtype=torch.float32, device="cpu")
+        model, reason, cost = _auto_choice(model, device, None if kernels == "auto" else kernels)
     if cost is not None or dtype == "auto":
         print(f"[lookahead] {'dtype auto' if dtype == 'auto' else 'kernels'}: {reason}", file=sys.stderr)
     # The curve the choice read is not read again (deterministic kernels have their own).
@@ -295,18 +293,36 @@ def load(source: str | None = None, dtype: str | torch.dtype = "auto", device: s
     return engine
 
 
-def _cpu_choice(model: torch.nn.Module, only: str | None = None) -> tuple[torch.nn.Module, str, CostModel | None]:
-    """`model` (fp32), as is or cast to bf16, with eager or packed linears: whichever decodes fastest with
-    drafting here (exact fp32 eager unless another is >10 % faster); the reason and the chosen curve."""
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def _auto_choice(model: torch.nn.Module, device: str,
+                 only: str | None = None) -> tuple[torch.nn.Module, str, CostModel | None]:
+    """`model` (fp32, on the host) on `device`, as is or cast to bf16, with eager or packed linears: whichever
+    decodes fastest with drafting there (exact fp32 eager unless another is >10 % faster); the reason and the
+    chosen curve. CUDA is measured too: on an H200, SmolLM2-135M's forwards are launch-bound and fp32 was as
+    fast as bf16 (README "On a GPU"), while a large model's bf16 weights take half the memory traffic."""
+    cuda = device.startswith("cuda")
+    bf16 = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if cuda and bf16:
+        # Both copies must fit beside each other to be measured; where they do not, bf16 is the one that fits.
+        need, free = 6 * sum(p.numel() for p in model.parameters()), torch.cuda.mem_get_info(device)[0]
+        if need > 0.8 * free:
+            return model.to(torch.bfloat16).to(device), (
+                f"bfloat16 (not measured: fp32 weights and a bf16 copy take {need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB of GPU memory is free)"), None
+    model = model.to(device)
     candidates = [(model, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(model))]
     if bf16:
         half = copy.deepcopy(model).to(torch.bfloat16)  # the fp32 weights stay exact
         candidates += [(half, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(half))]
+        del half
+    if not candidates:
+        raise ValueError("packed kernels need oneDNN on the CPU with native kernels for the model's dtype")
     chosen, reason, cost = _fastest(candidates)
     if not bf16:
-        reason += ("; this CPU has no native bf16: a k-token bf16 forward costs about k one-token ones, so "
-                   "drafting cannot pay in bf16")
+        reason += (f"; this {'GPU' if cuda else 'CPU'} has no native bf16: a k-token bf16 forward costs about k "
+                   "one-token ones, so drafting cannot pay in bf16")
+    del candidates, model
+    if cuda:
+        torch.cuda.empty_cache()  # the candidate not chosen
     return chosen, reason, cost
 
 
