@@ -300,7 +300,8 @@ def _auto_choice(model: torch.nn.Module, device: str,
     chosen curve. CUDA is measured too: on an H200, SmolLM2-135M's forwards are launch-bound and fp32 was as
     fast as bf16 (README "On a GPU"), while a large model's bf16 weights take half the memory traffic."""
     cuda = device.startswith("cuda")
-    bf16 = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if cuda and bf16:
         # Both copies must fit beside each other to be measured; where they do not, bf16 is the one that fits.
         need, free = 6 * sum(p.numel() for p in model.parameters()), torch.cuda.mem_get_info(device)[0]
@@ -318,8 +319,9 @@ def _auto_choice(model: torch.nn.Module, device: str,
         raise ValueError("packed kernels need oneDNN on the CPU with native kernels for the model's dtype")
     chosen, reason, cost = _fastest(candidates)
     if not bf16:
-        reason += (f"; this {'GPU' if cuda else 'CPU'} has no native bf16: a k-token bf16 forward costs about k "
-                   "one-token ones, so drafting cannot pay in bf16")
+        reason += "; this GPU has no native bf16" if cuda else (
+            "; this CPU has no native bf16: a k-token bf16 forward costs about k one-token ones, so drafting "
+            "cannot pay in bf16")
     del candidates, model
     if cuda:
         torch.cuda.empty_cache()  # the candidate not chosen
