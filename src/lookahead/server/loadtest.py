@@ -3,7 +3,8 @@
     python -m lookahead.server.loadtest [--concurrency 1 4 8 16] [--modes adaptive plain fixed]
                                         [--workload mix|copy] [--max-tokens 96] [--out docs/server_load]
 
-Starts one server per mode from the CLI on loopback ports, same model, dtype and threads:
+Starts one server per mode from the CLI on loopback ports, same model, dtype, kernels and threads (one
+after another: the first measures `--dtype auto` alone, the others are given its choice):
 `adaptive` (the default server: tree size from the measured cost curve and the batch size),
 `plain` (`--no-draft`) and `fixed` (the full `max_nodes` tree per row at every batch size: what
 drafting costs under load without adaptation). For each concurrency c, every mode gets the same
@@ -48,8 +49,10 @@ MODES = {"adaptive": [], "plain": ["--no-draft"],
          "fixed": ["--sizing", "fixed"]}
 
 
-def start_server(port: int, mode: str, args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lookahead.cli", "serve", "--port", str(port), "--dtype", args.dtype,
+def start_server(port: int, mode: str, args: argparse.Namespace, numerics: dict | None = None) -> subprocess.Popen:
+    """`numerics`: another server's dtype and kernels, given explicitly so both servers run the same ones."""
+    dtype = ["--dtype", numerics["dtype"], "--kernels", numerics["kernels"]] if numerics else ["--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "lookahead.cli", "serve", "--port", str(port), *dtype,
            "--threads", str(args.threads), "--served-model-name", MODEL, "--log-level", "warning",
            "--max-batch", str(max(args.concurrency)), *MODES[mode]]
     if args.model:
@@ -296,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(per_round.values()) * args.rounds + 2
     prompts = copy_prompts(total) if args.workload == "copy" else load_prompt_messages(total)
     ports = {mode: free_port() for mode in args.modes}
-    procs = {mode: start_server(port, mode, args) for mode, port in ports.items()}
+    procs: dict[str, subprocess.Popen] = {}
     cells: list[Cell] = []
     numerics: dict[str, dict] = {}  # per mode: the dtype and kernels its server runs (`auto` decides there)
     t_start = time.time()
     try:
+        # `auto` is decided by the first server alone, then given to the others: where two candidates measure
+        # within noise (bf16 eager and packed at one thread: ~99 vs ~92 tok/s in one start, ~65 vs ~92 in
+        # another), servers deciding apart could run different kernels, and the ratio would not be drafting's.
         for mode, port in ports.items():
+            procs[mode] = start_server(port, mode, args, next(iter(numerics.values()), None))
             wait_healthy(port, procs[mode])
             numerics[mode] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json().get("numerics")
             asyncio.run(run_cell(port, prompts[-2:], 1, 8))  # warm-up (first forwards), not reported
