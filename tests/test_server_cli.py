@@ -4,6 +4,7 @@ A tiny random Llama with the embedded model's real tokenizer keeps process start
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -112,3 +113,34 @@ def test_kill_and_restart_keeps_the_trie_and_sigterm_saves(tiny_dir, tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def test_the_load_test_gives_every_server_the_first_ones_dtype_and_kernels(real_engine, tmp_path, monkeypatch):
+    """`auto` is decided once, by the first server alone: servers deciding apart can land on different kernels
+    where two measure within noise, and the load test's ratio would then not be drafting's alone."""
+    from lookahead.server import loadtest
+
+    tokenizer = real_engine.tokenizer
+    model_dir = tmp_path / "tiny-llama-long"  # long enough for the copy prompts
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))  # the servers' cost curves, not ~/.cache
+    started = []
+    start = loadtest.start_server
+    monkeypatch.setattr(loadtest, "start_server",  # (mode, the numerics it was given)
+                        lambda *a: started.append((a[1], a[3] if len(a) > 3 else None)) or start(*a))
+    out = tmp_path / "load"
+    assert loadtest.main(["--model", str(model_dir), "--workload", "copy", "--concurrency", "1", "--modes",
+                          "adaptive", "plain", "--rounds", "1", "--max-tokens", "4", "--out", str(out)]) == 0
+    servers = json.loads(out.with_suffix(".json").read_text())["meta"]["servers"]
+    assert [mode for mode, _ in started] == ["adaptive", "plain"]
+    assert started[0][1] is None  # the first decides `auto` itself
+    assert started[1][1] == servers["adaptive"]  # the second is given what the first runs
+    assert (servers["plain"]["dtype"], servers["plain"]["kernels"]) == (servers["adaptive"]["dtype"],
+                                                                        servers["adaptive"]["kernels"])
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
