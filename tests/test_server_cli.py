@@ -23,18 +23,21 @@ from lookahead import DraftState
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(real_engine, tmp_path_factory):
-    tokenizer = real_engine.tokenizer
-    path = tmp_path_factory.mktemp("tiny-llama")
+def tiny_llama(tokenizer, path: Path, max_positions: int = 256) -> Path:
+    """A tiny random Llama with `tokenizer`, saved to `path`."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(real_engine, tmp_path_factory):
+    return tiny_llama(real_engine.tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def free_port() -> int:
@@ -120,15 +123,7 @@ def test_the_load_test_gives_every_server_the_first_ones_dtype_and_kernels(real_
     where two measure within noise, and the load test's ratio would then not be drafting's alone."""
     from lookahead.server import loadtest
 
-    tokenizer = real_engine.tokenizer
-    model_dir = tmp_path / "tiny-llama-long"  # long enough for the copy prompts
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_llama(real_engine.tokenizer, tmp_path / "tiny-llama", 4096)  # long enough for copy prompts
     monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))  # the servers' cost curves, not ~/.cache
     started = []
     start = loadtest.start_server
