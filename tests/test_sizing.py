@@ -73,6 +73,23 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.1)   # not stuck at the spell's level (was 20x)
 
 
+def test_forwards_next_to_a_higher_neighbour_do_not_pull_a_point_down():
+    """t(8) measured a little high, live forwards of 12 tokens (nearest point: 16) at 27 ms: t(16) settles at
+    what they say. Scaled by the non-decreasing read (t(16) read as t(8)), every such forward pulled t(16)
+    lower, towards zero (a cached curve on a Zen 5 held t(16) = 0.5 ms against 21 ms for t(1))."""
+    cost = CostModel([1, 2, 4, 8, 16, 32], [0.021, 0.021, 0.021, 0.030, 0.029, 0.036])
+    for _ in range(300):
+        cost.observe(12, 0.027)
+    assert cost.seconds[4] == pytest.approx(0.027, rel=0.05)
+
+
+def test_a_point_poisoned_far_below_its_neighbours_heals_from_forwards_near_it():
+    cost = CostModel([1, 2, 4, 8, 16, 32], [0.021, 0.021, 0.021, 0.028, 0.0005, 0.036])   # as found cached
+    for _ in range(100):
+        cost.observe(14, 0.031)
+    assert cost.seconds[4] > 0.029 and cost.ratio(16) == pytest.approx(0.031 / 0.021, rel=0.05)
+
+
 def test_a_cap_on_the_instruction_sets_the_libraries_may_use_gets_its_own_cached_curves(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 (or MKL's, ATen's cap) runs other kernels on the same CPU: a curve measured
     without the cap must not be read with it."""
