@@ -128,10 +128,25 @@ def test_a_cached_curve_that_disagrees_with_live_forwards_is_measured_again(monk
     first = load_cost(model, "tiny")                       # measured and cached
     assert path.is_file() and first.path == path
     again = load_cost(model, "tiny")                       # agrees with live forwards: read, not measured
-    assert again.seconds == first.seconds
+    assert [s / again.seconds[0] for s in again.seconds] == pytest.approx([s / first.seconds[0] for s in first.seconds])
     CostModel(first.tokens, [100 * s for s in first.seconds]).save(path)   # poisoned
     healed = load_cost(model, "tiny")
     assert healed(1) < 10 * first(1) and json.loads(path.read_text())["seconds"] == healed.seconds
+
+
+def test_a_cached_curve_is_read_at_the_level_live_forwards_give(monkeypatch, tmp_path):
+    """A curve cached when the machine ran 1.3x slower (within the check's tolerance) keeps its shape and takes
+    the live level: `auto` compares candidates' levels, cached at different times."""
+    from lookahead.decoding.cost import cost_path, load_cost
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
+    model = slow_forward(tiny_model("llama"), base_s=0.05)
+    first = load_cost(model, "tiny")
+    slower = CostModel(first.tokens, [1.3 * s for s in first.seconds[:-1]] + [2.6 * first.seconds[-1]])
+    slower.save(cost_path("tiny", torch.float32, "cpu"))
+    again = load_cost(model, "tiny")
+    assert again(1) == pytest.approx(first(1), rel=0.15)                    # the live level (was 1.3x)
+    assert again.ratio(128) == pytest.approx(slower.ratio(128))             # the cached shape
+    assert again.path == cost_path("tiny", torch.float32, "cpu")            # still corrected and saved there
 
 
 def slow_forward(model, base_s: float, per_token_s: float = 0.0, per_token2_s: float = 0.0):
@@ -247,7 +262,8 @@ def test_auto_dtype_picks_what_decodes_fastest_with_drafting(monkeypatch, tmp_pa
             seconds = curves.get((str(dtype).removeprefix("torch."), kind), [1.0] * 5)   # absent: very slow
             key = f"tiny-{params}" + ("-packed" if kind == "packed" else "")
             CostModel(tokens, seconds).save(cost_path(key, dtype, "cpu"))
-    monkeypatch.setattr("lookahead.decoding.cost.agrees", lambda cached, live: True)  # and still true now
+    monkeypatch.setattr("lookahead.decoding.cost.agrees", lambda cached, live: True)  # and still true now,
+    monkeypatch.setattr("lookahead.decoding.cost.at_level", lambda cached, live: cached)  # at the level cached
 
     def mark(kind):  # the choice is under test, not oneDNN (whose bf16 packing a CPU without bf16 lacks)
         return lambda m: setattr(m, "_lookahead_kernels", kind)
