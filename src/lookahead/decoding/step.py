@@ -18,6 +18,8 @@ With `prefill_chunk`, a joining prompt is prefilled in chunks between the batch'
 most `prefill_chunk` tokens and, while other rows run, costing about their own step times the number of
 prefilling requests per running row (read off the cost curve): one long prompt delays the running rows by
 about one step's time per step, not by its whole prefill; the shortest waiting prompt goes first.
+In a static batch (nothing waits to take a finished row's place: `run` sets `Decoder.static`), the sizing policy's
+guard credits each step with the furthest-behind rows' progress for every row, as the batch ends when they do.
 `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request joins only
 while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
@@ -86,6 +88,11 @@ class Decoder:
         self.rows: list[_Row] = []
         self.prefilling: list[_Row] = []
         self.report = StepReport()          # the last step's
+        # No request waits to take a finished row's place (`run` sets it; a server's clients keep coming): the
+        # batch then ends when its furthest-behind row does, so the guard credits every row with that row's
+        # progress. Measured (16 mixed prompts in one `generate_batch`): crediting each row its own tokens, drafting
+        # ran 0.89-0.93x of `draft=False`, as the copying rows finished early and the last took as many steps as plain.
+        self.static = False
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.prefilling)
@@ -199,9 +206,13 @@ class Decoder:
         rows = self.rows
         t0 = time.perf_counter()
         tail = sum(len(p) for p in self.verifier.pending)  # a lone row's prompt tail, prefilled by this forward
-        copy_runs = [row.drafter.copy_run for row in rows if row.drafter is not None]
-        # Where nothing may draft (draft=False) the step is plain, and what the guard's plain speed is.
-        plan = self.sizing.plan(len(rows), max(copy_runs)) if copy_runs else Choice(0, "undrafted")
+        rooms = [row.request.room for row in rows]
+        copy_runs = [row.drafter.copy_run if row.drafter is not None else 0 for row in rows]
+        # Where nothing may draft (draft=False) the step is plain, and what the guard's plain speed is. A static
+        # batch's end waits on its furthest-behind rows: only their copying is worth a trial there.
+        copy_run = max(self._behind(rooms, copy_runs) if self.static else copy_runs)
+        drafting = any(row.drafter is not None for row in rows)
+        plan = self.sizing.plan(len(rows), copy_run) if drafting else Choice(0, "undrafted")
         trees, draft_s = self._draft(plan)
         # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
         choice = plan if plan is not None else self.sizing.choose(trees, tail)
@@ -254,13 +265,29 @@ class Decoder:
         if not tail:  # a forward that also prefills is no verify step: neither the curve nor the guard learns from it
             if self.cost is not None:
                 self.cost.observe(len(rows) * q, forward_s)
-            self.sizing.observe(choice, len(rows), total_emitted, accepted_draft, seconds)
+            self.sizing.observe(choice, len(rows), self._progress(rooms, emitted, total_emitted), accepted_draft,
+                                seconds)
         self.report = StepReport(len(rows), total_emitted, draft_nodes, accepted_draft, q - 1, forward_s,
                                  seconds - forward_s, choice)
         finished = [row.request for row in rows if row.request.done]
         if finished:
             self.remove(finished)
         return finished
+
+    def _behind(self, rooms: list[int], values: list[int]) -> list[int]:
+        """`values` of the furthest-behind rows (the most room left) that have not failed."""
+        live = [(room, v) for row, room, v in zip(self.rows, rooms, values, strict=True) if row.request.error is None]
+        behind = max((room for room, _ in live), default=0)
+        return [v for room, v in live if room == behind] or [0]
+
+    def _progress(self, rooms: list[int], emitted: list[list[int]], total: int) -> int:
+        """Tokens the guard credits a step with: all rows' (`total`), or in a static batch as many for every row
+        as the furthest-behind rows emitted on average (the batch's end waits on them; at first all rows tie)."""
+        if not self.static or len(self.rows) < 2:
+            return total
+        live = sum(row.request.error is None for row in self.rows)
+        behind = self._behind(rooms, [len(tokens) for tokens in emitted])
+        return round(live * sum(behind) / len(behind))
 
     def _draft(self, plan: Choice | None) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root."""
@@ -296,6 +323,7 @@ def run(decoder: Decoder, requests: Sequence[Request], max_batch: int,
             if request.error is not None:  # its prefill failed
                 finished.append(request)
         if len(decoder):
+            decoder.static = not waiting
             finished += decoder.step()
         if on_finish is not None:
             for request in finished:
