@@ -10,6 +10,9 @@ cut of n nodes per row gives
 tokens per second, t being the engine's measured cost curve (corrected online). The policy picks
 the n with the best rate; n = 0 is plain decoding. A single request is B = 1: verify the prefix
 whose expected tokens per unit of cost is highest. As B grows, t(B * q) grows and trees shrink.
+A static batch (nothing waits to take a finished row's place) ends with its last row, so there the
+sum is B times the least that any of its furthest-behind rows expects: a copying row's drafts, paid
+for by every row's padding, would only let it leave sooner.
 
 Two safeguards keep the promise "never slower than plain decoding" whatever the curve says:
 - probes: when no draft pays, a small tree is still verified now and then (acceptance is only
@@ -161,14 +164,15 @@ class SizingPolicy:
         (measured: a copy-heavy edit after chat prompts decoded its first 14 steps plain)."""
         self.off = max(self.off, self.trial_every)
 
-    def choose(self, trees: list[DraftTree], tail: int = 0) -> Choice:
+    def choose(self, trees: list[DraftTree], tail: int = 0, counted: list[int] | None = None) -> Choice:
         """The cut for this step's trees (one per row; root-only where a row drafts nothing); `tail`: prompt
-        tokens the same forward prefills (a draft costs only its share on top of them)."""
+        tokens the same forward prefills (a draft costs only its share on top of them); `counted`: the rows
+        whose expected tokens the cut is judged by (None: all; see `best_cut`)."""
         if self.cost is None:
             return Choice(None, "fixed")
         if not any(len(t) > 1 for t in trees):
             return Choice(0, "sized")
-        n = best_cut(trees, self.cost, tail)
+        n = best_cut(trees, self.cost, tail, counted)
         if self.trial and not n:  # a trial that verifies nothing could never show that drafting pays again
             n = forced_cut(trees, self.cost, tail)
         if n:
@@ -229,16 +233,24 @@ def over_plain(cost: CostModel, rows: int, nodes: int, tail: int = 0) -> float:
     return cost(rows * (1 + nodes) + tail) / cost(rows + tail)
 
 
-def best_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0) -> int:
+def best_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0, counted: list[int] | None = None) -> int:
     """Draft nodes per row (a prefix of every best-first tree) with the most expected tokens per second;
-    `tail`: query tokens the forward carries anyway (a lone row's prompt tail)."""
+    `tail`: query tokens the forward carries anyway (a lone row's prompt tail). `counted`: rows whose least
+    expected tokens are credited to every row (a static batch ends with its last row: another row's accepted
+    drafts only let it leave sooner, while every row pays for the padded cut)."""
     rows = len(trees)
     largest = max(len(t) for t in trees) - 1
     gains = [t.expected[1:] if t.expected else [0.0] * (len(t) - 1) for t in trees]
+    judged = None if counted is None else [gains[i] for i in counted]
+    totals = [0.0] * len(judged or ())
     best_n, best_rate = 0, rows / cost(rows + tail)
     expected = float(rows)
     for n in range(1, largest + 1):
-        expected += sum(g[n - 1] for g in gains if len(g) >= n)
+        if judged is None:
+            expected += sum(g[n - 1] for g in gains if len(g) >= n)
+        else:
+            totals = [total + (g[n - 1] if len(g) >= n else 0.0) for total, g in zip(totals, judged, strict=True)]
+            expected = rows * (1 + min(totals))
         rate = expected / cost(rows * (1 + n) + tail)  # every row padded to the largest cut tree
         if rate > best_rate:
             best_n, best_rate = n, rate
