@@ -148,6 +148,7 @@ def test_models_health_and_metrics(client, server):
     # What ran, for benchmarks of a `--dtype auto` server: the fixture's engine is float32, given explicitly.
     kernels = running_kernels(server.engine.model)
     assert health["numerics"] == {"dtype": "float32", "kernels": kernels, "reason": "given"}
+    assert health["chat_template"] is True  # else clients (the load test) send text to /v1/completions
     text = httpx.get(server.url + "/metrics").text
     for name in ("lookahead_requests_total", "lookahead_completion_tokens_total",
                  "lookahead_mean_accepted_tokens_per_step", "lookahead_draft_hit_rate", "lookahead_queue_depth",

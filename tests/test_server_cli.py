@@ -139,3 +139,22 @@ def test_the_load_test_gives_every_server_the_first_ones_dtype_and_kernels(real_
     assert (servers["plain"]["dtype"], servers["plain"]["kernels"]) == (servers["adaptive"]["dtype"],
                                                                         servers["adaptive"]["kernels"])
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+
+
+def test_the_load_test_sends_a_base_models_prompts_as_text_to_completions(real_engine, tmp_path, monkeypatch):
+    """A model without a chat template (the named gemma3-270m is a base model) answers chat requests with a 400:
+    the load test sends each prompt's text to /v1/completions instead (it failed on the first request before)."""
+    import copy
+
+    from lookahead.server import loadtest
+
+    tokenizer = copy.deepcopy(real_engine.tokenizer)
+    tokenizer.chat_template = None
+    model_dir = tiny_llama(tokenizer, tmp_path / "tiny-base", 4096)
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "load"
+    assert loadtest.main(["--model", str(model_dir), "--dtype", "float32", "--workload", "copy", "--concurrency", "1",
+                          "--modes", "plain", "--rounds", "1", "--max-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["meta"]["endpoint"] == "completions"
+    assert [cell["tokens"] for cell in result["cells"]] == [8]  # two requests of 4 tokens each

@@ -479,6 +479,8 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
     numerics = {"dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
                 "kernels": running_kernels(engine.model), "reason": engine.dtype_reason}
 
+    chat_template = bool(getattr(engine.tokenizer, "chat_template", None))  # else only /v1/completions serves it
+
     def policy_info() -> dict[str, Any]:
         cfg, sizing = engine.draft_config, engine.sizing
         info: dict[str, Any] = {"max_nodes": engine.max_nodes, "max_depth": cfg.max_depth, "copy_depth": cfg.copy_depth,
@@ -496,7 +498,7 @@ def create_app(engine, *, model_name: str = "smollm2-135m", api_key: str | None 
         if not protect_ops or authorized(request):  # protected: liveness only, without the key
             body.update(model=model_name, decode_thread=ok, batch=scheduler.active, queue=scheduler.queue_depth,
                         trie_nodes=len(engine.state.trie), trie=trie_status, drafting=draft, draft_policy=policy_info(),
-                        numerics=numerics)
+                        numerics=numerics, chat_template=chat_template)
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -152,13 +152,21 @@ class Cell:
     policy: dict | None = None         # the drafting server's policy after the cell (/health)
 
 
-async def one_request(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(http: httpx.AsyncClient, messages: list[dict], max_tokens: int, chat: bool = True
+                      ) -> tuple[float, float, int]:
+    """One streamed request: (latency, time to first token, completion tokens). `chat=False`: a model without a chat
+    template (a base model) gets the turns' text as a plain prompt on /v1/completions."""
+    if chat:
+        path, body = "/v1/chat/completions", {"messages": messages}
+    else:
+        path, body = "/v1/completions", {"prompt": "\n\n".join(m["content"] for m in messages)}
+    body.update(model=MODEL, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
     t0 = time.perf_counter()
     first, tokens = None, 0
-    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
+    async with http.stream("POST", path, json=body) as r:
+        if r.is_error:  # say what the server said, not only its status
+            await r.aread()
+            raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:500]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -167,12 +175,14 @@ async def one_request(http: httpx.AsyncClient, messages: list[dict], max_tokens:
                 raise RuntimeError(chunk["error"]["message"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - t0
+            elif first is None and chunk["choices"]:
+                choice = chunk["choices"][0]
+                if choice["delta"].get("content") if chat else choice.get("text"):
+                    first = time.perf_counter() - t0
     return time.perf_counter() - t0, first if first is not None else time.perf_counter() - t0, tokens
 
 
-async def run_cell(port: int, prompts: list[list[dict]], concurrency: int, max_tokens: int
+async def run_cell(port: int, prompts: list[list[dict]], concurrency: int, max_tokens: int, chat: bool = True
                    ) -> tuple[float, list[tuple[float, float, int]]]:
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
@@ -181,7 +191,7 @@ async def run_cell(port: int, prompts: list[list[dict]], concurrency: int, max_t
 
     async def worker(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await one_request(http, queue.get_nowait(), max_tokens))
+            results.append(await one_request(http, queue.get_nowait(), max_tokens, chat))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1800, limits=limits) as http:
@@ -193,15 +203,15 @@ async def run_cell(port: int, prompts: list[list[dict]], concurrency: int, max_t
 class Tally:
     """One mode's results at one concurrency, summed over its rounds."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, chat: bool = True) -> None:
+        self.port, self.chat = port, chat
         self.wall = 0.0
         self.results: list[tuple[float, float, int]] = []
         self.deltas: dict[str, float] = {}
 
     def round(self, prompts: list, concurrency: int, max_tokens: int) -> None:
         before = metrics(self.port)
-        wall, results = asyncio.run(run_cell(self.port, prompts, concurrency, max_tokens))
+        wall, results = asyncio.run(run_cell(self.port, prompts, concurrency, max_tokens, self.chat))
         after = metrics(self.port)
         self.wall += wall
         self.results += results
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, subprocess.Popen] = {}
     cells: list[Cell] = []
     numerics: dict[str, dict] = {}  # per mode: the dtype and kernels its server runs (`auto` decides there)
+    chat = True  # the servers' model has a chat template (else prompts go to /v1/completions as text)
     t_start = time.time()
     try:
         # `auto` is decided by the first server alone, then given to the others: where two candidates measure
@@ -310,12 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         for mode, port in ports.items():
             procs[mode] = start_server(port, mode, args, next(iter(numerics.values()), None))
             wait_healthy(port, procs[mode])
-            numerics[mode] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json().get("numerics")
-            asyncio.run(run_cell(port, prompts[-2:], 1, 8))  # warm-up (first forwards), not reported
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+            numerics[mode] = health.get("numerics")
+            chat = health.get("chat_template", True)
+            asyncio.run(run_cell(port, prompts[-2:], 1, 8, chat))  # warm-up (first forwards), not reported
+        if not chat:
+            print("loadtest: the model has no chat template: each prompt's text goes to /v1/completions", flush=True)
         start = 0
         modes = list(args.modes)
         for c in args.concurrency:
-            tallies = {mode: Tally(ports[mode]) for mode in modes}
+            tallies = {mode: Tally(ports[mode], chat) for mode in modes}
             for r in range(args.rounds):
                 batch = prompts[start: start + per_round[c]]
                 start += per_round[c]
@@ -344,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ran = sorted({f"{n['dtype']} {n['kernels']}" for n in numerics.values() if n})
     meta = {"model": args.model or MODEL, "dtype": args.dtype, "servers": numerics, "threads": args.threads,
             "max_tokens": args.max_tokens,
-            "workload": args.workload, "rounds": args.rounds, "requests_per_round": per_round,
+            "workload": args.workload, "endpoint": "chat/completions" if chat else "completions",
+            "rounds": args.rounds, "requests_per_round": per_round,
             "cpu_model": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "minutes": round((time.time() - t_start) / 60, 1),
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
