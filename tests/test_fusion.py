@@ -111,6 +111,20 @@ def test_recycle_table_keeps_the_models_top_k_per_token():
     assert again.cursor(2).next(3) == table.cursor(2).next(3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recycle_table_at_a_large_vocabulary_keeps_the_top_k_and_their_probabilities(dtype):
+    vocab_size = 49152  # wide enough for the block-maxima top-k
+    logits = (torch.randn(5, vocab_size, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    table = RecycleTable(vocab_size, k=8)
+    table.update([11, 12, 13, 14, 15], logits)
+    softmax = logits.float().softmax(-1)
+    for row, token in enumerate([11, 12, 13, 14, 15]):
+        tokens, probs = zip(*table.cursor(token).next(8), strict=True)
+        # the 8 largest logits, largest first (bf16 ties may come in either order)
+        assert logits[row, list(tokens)].tolist() == logits[row].topk(8).values.tolist()
+        assert probs == pytest.approx(softmax[row, list(tokens)].tolist(), rel=0.02)
+
+
 def test_ngram_index_continues_the_latest_longest_match():
     index = NgramIndex(max_ngram=3)
     index.extend([1, 2, 3, 10, 11, 9, 2, 3, 20, 21, 1, 2, 3])

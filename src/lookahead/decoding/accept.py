@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..tree import DraftTree
+from ..vocab import argmax
 
 # (tree, logits [n, vocab], context = prompt + emitted tokens) -> (accepted node indices, emitted tokens)
 AcceptRule = Callable[[DraftTree, torch.Tensor, list[int]], tuple[list[int], list[int]]]
@@ -31,9 +32,7 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, context: list[int] | No
     `logits` is [n, vocab] for the tree's nodes. The emitted tokens are the accepted draft
     tokens followed by the bonus token, so len(emitted) == len(nodes).
     """
-    # In float32, as model.generate takes it: the conversion is exact (same choice, first of a tie), and
-    # argmax over bf16 rows runs ~3.5x slower on CPU (1.2 vs 0.36 ms over 13 x 49k logits).
-    choice = logits.float().argmax(dim=-1).tolist()
+    choice = argmax(logits).tolist()  # exactly torch's: the first of a tie
     nodes, emitted = [0], []
     node = 0
     while True:
