@@ -45,12 +45,11 @@ def _gather_blocks(rows: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tens
 
     The tail block is read as the row's last BLOCK values; those before the tail are set to -inf
     (they belong to the block before it, searched on its own if chosen)."""
-    v = rows.shape[-1]
-    starts = (blocks * BLOCK).clamp_(max=v - BLOCK)
-    indices = (starts.unsqueeze(-1) + torch.arange(BLOCK)).flatten(1)
-    values = rows.gather(1, indices)
-    values.masked_fill_(indices < (blocks * BLOCK).repeat_interleave(BLOCK, dim=-1), float("-inf"))
-    return values, indices
+    first = (blocks * BLOCK).unsqueeze(-1)
+    indices = first.clamp(max=rows.shape[-1] - BLOCK) + torch.arange(BLOCK)  # [n, b, BLOCK]
+    values = rows.gather(1, indices.flatten(1))
+    values.masked_fill_((indices < first).flatten(1), float("-inf"))
+    return values, indices.flatten(1)
 
 
 def argmax(rows: torch.Tensor) -> torch.Tensor:
