@@ -48,7 +48,7 @@ class Drafter:
                 cursors["recycle"] = (trust["recycle"], state.recycle.cursor(context[-1]))
             if self.ngram:
                 cursors["ngram"] = (trust["ngram"], self.ngram.cursor())
-            scored = build_tree(context[-1], cursors, budget, GROUPS)
+            scored = build_tree(context[-1], cursors, budget, GROUPS, state.siblings)
         self.last = scored
         tree = scored.tree
         tree.expected = [1.0] + [state.calibration(s) for s in scored.scores[1:]]
@@ -66,7 +66,8 @@ class Drafter:
         index = {node: i for i, node in enumerate(nodes)}
         parents = [-1] + [index[last.tree.parents[node]] for node in nodes[1:]]
         tree = DraftTree([last.tree.tokens[n] for n in nodes], parents)
-        self.last = ScoredTree(tree, [last.scores[n] for n in nodes], [last.proposals[n] for n in nodes])
+        self.last = ScoredTree(tree, [last.scores[n] for n in nodes], [last.proposals[n] for n in nodes],
+                               [last.shares[n] for n in nodes])
         return tree
 
     def observe(self, tokens: list[int], tree: DraftTree | None = None, logits: torch.Tensor | None = None,
@@ -87,8 +88,12 @@ class Drafter:
         kept = set(nodes)  # starts with the root
         flags = [i in kept for i in range(1, len(tree))]
         state.calibration.observe(last.scores[1:len(tree)], flags)
+        shares, judged = [], []
         for i, proposers in enumerate(last.proposals[1:len(tree)], start=1):
             reached, accepted = tree.parents[i] in kept, flags[i - 1]
+            if reached and last.shares[i] is not None:
+                shares.append(last.shares[i])
+                judged.append(accepted)
             for name, p in proposers.items():
                 if reached:
                     state.trust[name].observe([p], [accepted])
@@ -96,3 +101,4 @@ class Drafter:
                     stats.proposed += 1
                     stats.accepted += accepted
                     stats.reached += reached
+        state.siblings.observe(shares, judged)

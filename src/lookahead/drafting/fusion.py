@@ -45,42 +45,49 @@ class ScoredTree:
     tree: DraftTree
     scores: list[float]                 # estimated probability that each node's path is accepted (root: 1)
     proposals: list[dict[str, float]] = field(default_factory=list)  # per node: proposing source -> its own probability
+    # per node: the share its better siblings left it, where it claimed more (None: it did not)
+    shares: list[float | None] = field(default_factory=list)
 
 
-Trust = Callable[[float], float]  # a source's probability -> P(model accepts the token | parent accepted)
+Trust = Callable[[float], float]
+SHARE_MIN = 0.02  # a source's probability -> P(model accepts the token | parent accepted)
 
 
 def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget,
-               groups: dict[str, str] | None = None) -> ScoredTree:
+               groups: dict[str, str] | None = None, siblings: Trust | None = None) -> ScoredTree:
     """Best-first tree under `budget`; `cursors` maps source name -> (trust, cursor at the root).
 
     `groups` names each source's kind of evidence (default: its own). Sources of one group are
     correlated (all copy the same text): their best trusted probability counts, once. Groups
-    are independent: combined by noisy-OR."""
+    are independent: combined by noisy-OR. `siblings` maps the share of probability a token's better
+    siblings leave it (where it claims more) to P(accepted | parent accepted); default: that share."""
     groups = groups or {}
-    tokens, parents, scores, sources = [root], [-1], [1.0], [{}]
+    tokens, parents, scores, sources, shares = [root], [-1], [1.0], [{}], [None]
     if budget.nodes <= 0 or budget.depth <= 0:
-        return ScoredTree(DraftTree(tokens, parents), scores, sources)
+        return ScoredTree(DraftTree(tokens, parents), scores, sources, shares)
     depths = [0]
     frontier: list = []
     tick = itertools.count()  # tie-break: earlier-pushed first; never compare cursors
-    _push(frontier, tick, 0, 1.0, cursors, budget.nodes, groups)
+    _push(frontier, tick, 0, 1.0, cursors, budget.nodes, groups, siblings)
     while frontier and len(tokens) <= budget.nodes:
-        neg_score, _, parent, token, proposers, live = heapq.heappop(frontier)
+        neg_score, _, parent, token, proposers, live, share = heapq.heappop(frontier)
         tokens.append(token)
         parents.append(parent)
         scores.append(-neg_score)
         sources.append(proposers)
+        shares.append(share)
         depths.append(depths[parent] + 1)
         if depths[-1] < budget.depth:
             # Every live source follows the token, proposer or not: a source may know what comes next. Only a
             # popped node's cursors are moved on: most pushed candidates are never popped.
             children = {name: (trust, cursor.child(token)) for name, (trust, cursor) in live.items()}
-            _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens), groups)
-    return ScoredTree(DraftTree(tokens, parents), scores, sources)
+            _push(frontier, tick, len(tokens) - 1, -neg_score, children, budget.nodes + 1 - len(tokens), groups,
+                  siblings)
+    return ScoredTree(DraftTree(tokens, parents), scores, sources, shares)
 
 
-def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int, groups: dict) -> None:
+def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit: int, groups: dict,
+          siblings: Trust | None) -> None:
     """Push the `limit` most probable continuations of one node."""
     if limit <= 0:
         return
@@ -96,7 +103,16 @@ def _push(frontier: list, tick, parent: int, score: float, cursors: dict, limit:
     # A token is missed only if every independent kind of evidence is wrong.
     candidates = [(1.0 - math.prod(1.0 - q for q in by_group.values()), token, proposers)
                   for token, (by_group, proposers) in merged.items()]
+    # Siblings exclude each other (one token comes next), so a candidate claiming more than its better
+    # siblings leave is believed at what that share is measured to be worth (`siblings`; cold: the share,
+    # at least SHARE_MIN, so that what a share of nothing is worth can still be learned).
+    left = 1.0
     for p, token, proposers in heapq.nlargest(limit, candidates, key=lambda c: c[0]):
+        share = None
+        if p > left:
+            share = max(left, SHARE_MIN)
+            p = min(p, siblings(share) if siblings is not None else share)
         if p <= 0:
             break
-        heapq.heappush(frontier, (-score * p, next(tick), parent, token, proposers, live))
+        left = max(0.0, left - p)
+        heapq.heappush(frontier, (-score * p, next(tick), parent, token, proposers, live, share))

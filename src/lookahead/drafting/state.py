@@ -53,6 +53,9 @@ class DraftState:
     # Per source: its own probability -> P(accepted | parent accepted). Conditioning on the parent
     # judges one step of a source: a long chain is not blamed for the nodes beyond its first miss.
     trust: dict[str, Calibration] = field(default_factory=dict)
+    # The share of probability a token's better siblings leave it -> P(accepted | parent accepted), for tokens
+    # whose sources claim more than that share (see fusion.build_tree). Cold: the share itself.
+    siblings: Calibration = field(default_factory=Calibration)
     stats: dict[str, SourceStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,7 +76,7 @@ class DraftState:
             arrays = {f"trie.{k}": v for k, v in self.trie.to_arrays().items()}
             if self.recycle is not None:
                 arrays["recycle.tokens"], arrays["recycle.probs"] = self.recycle.tokens, self.recycle.probs
-            for name, calib in {"calibration": self.calibration,
+            for name, calib in {"calibration": self.calibration, "siblings": self.siblings,
                                 **{f"trust.{k}": v for k, v in self.trust.items()}}.items():
                 arrays[f"{name}.seen"] = torch.tensor(calib.seen, dtype=torch.float64)
                 arrays[f"{name}.accepted"] = torch.tensor(calib.accepted, dtype=torch.float64)
@@ -143,7 +146,8 @@ class DraftState:
         calibration = _calibration(arrays, "calibration")
         trust = {name: _calibration(arrays, f"trust.{name}", TRUST_COLD) for name in sources}
         return cls(trie, recycle, tuple(sources), calibration or Calibration(),
-                   {k: v for k, v in trust.items() if v is not None})
+                   {k: v for k, v in trust.items() if v is not None},
+                   siblings=_calibration(arrays, "siblings") or Calibration())
 
 
 def _calibration(arrays: dict[str, torch.Tensor], name: str, cold: float = 1.0) -> Calibration | None:
