@@ -8,8 +8,10 @@ the probability that the model accepts the token (the drafter learns one per sou
 The builder combines what the sources live at a node say about a token by kind of evidence:
 within a group of correlated sources (copies of the same text) the best trusted probability
 counts once; independent groups combine by noisy-OR (a token is missed only if every kind of
-evidence is wrong). It merges identical continuations and pops the most probable path first,
-so the tree holds the `budget.nodes` best paths whatever source proposed them.
+evidence is wrong). Tokens proposed at one node exclude each other, so one that claims more than
+its better siblings leave is believed at what that share is measured to be worth. It merges identical
+continuations and pops the most probable path first, so the tree holds the `budget.nodes` best paths
+whatever source proposed them.
 
 Why noisy-OR and not a weighted average: an average divides a confident source by the number
 of live sources at every level, so a long copy chain that only the prompt knows decays
