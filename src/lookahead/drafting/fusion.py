@@ -51,8 +51,8 @@ class ScoredTree:
     shares: list[float | None] = field(default_factory=list)
 
 
-Trust = Callable[[float], float]
-SHARE_MIN = 0.02  # a source's probability -> P(model accepts the token | parent accepted)
+Trust = Callable[[float], float]  # a source's probability -> P(model accepts the token | parent accepted)
+SHARE_MIN = 0.02  # the least share a sibling is judged at (see _push)
 
 
 def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget,

@@ -1,7 +1,8 @@
 """DraftState: everything drafting learns across requests, and its one file.
 
-The shared trie, the recycle table, the fused-score calibration (what the sizing policy reads)
-and the per-source trust curves live here; `Drafter` (drafter.py) is one request's view of them.
+The shared trie, the recycle table, the fused-score calibration (what the sizing policy reads),
+the per-source trust curves and what a sibling's share is worth live here; `Drafter` (drafter.py)
+is one request's view of them.
 `save`/`load` write and read all of it as one safetensors file (no pickle: loading someone else's
 file runs no code) with a format version, a sha256 of the arrays, and the model and vocabulary it
 was built for. A file that does not fit is refused with a `StateFileError` that says why; nothing
