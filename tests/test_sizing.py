@@ -15,7 +15,7 @@ import torch
 from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, DraftTree, Engine
 from lookahead.decoding.cost import CostModel, flat_span, measure_cost
-from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, Choice, SizingPolicy, best_cut
+from lookahead.decoding.sizing import PROBE_EVERY, PROBE_NODES, Choice, SizingPolicy, best_cut, best_cuts
 
 COPY = [5, 6, 7, 8, 9, 10, 11, 12] * 3 + [5, 6]
 
@@ -434,7 +434,7 @@ def test_a_probe_that_does_not_pay_for_its_own_forward_doubles_the_wait():
     assert batch.probe_every == PROBE_EVERY
 
 
-def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off():
+def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off_unless_one_of_many():
     from lookahead.decoding.sizing import Choice
     policy = SizingPolicy(cost=CostModel([1, 2, 16], [0.010, 0.020, 0.030]))
     for _ in range(4):
@@ -442,6 +442,8 @@ def test_a_joining_request_gets_a_trial_at_once_while_drafting_is_off():
         policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
     policy.trial_every = 64                          # after a long losing stretch
     assert policy.plan(1).kind == "off"
+    policy.new_text(16)                              # one row of sixteen: no trial for it
+    assert policy.plan(16).kind == "off"
     policy.new_text()
     assert policy.plan(1) is None and policy.trial
 
@@ -514,9 +516,9 @@ def test_a_static_batch_is_judged_by_its_furthest_behind_rows():
             credited.append(emitted)
             observe(choice, rows, emitted, *args, **kwargs)
 
-        def cut(trees, tail=0, rows=None, choose=choose):
+        def cut(trees, tail=0, rows=None, packed=False, choose=choose):
             counted.append(rows)
-            return choose(trees, tail, rows)
+            return choose(trees, tail, rows, packed)
 
         engine.sizing.observe, engine.sizing.choose = record, cut
         decoder = engine.decoder()
@@ -552,6 +554,58 @@ def test_a_static_batch_is_cut_by_the_least_its_furthest_behind_rows_expect():
     assert best_cut([copying, chatting], cost) > 0                 # the two rows' tokens together pay
     assert best_cut([copying, chatting], cost, counted=[0, 1]) == 0  # the chatting row decides the batch's end
     assert best_cut([copying, chatting], cost, counted=[0]) == best_cut([copying, copying], cost) > 0
+
+
+def test_packed_rows_are_cut_each_on_its_own():
+    """Where a forward costs its real tokens, the copying row drafts deep and the chatting row drafts nothing;
+    padded, every row pays the largest cut, so both get the same one."""
+    cost = CostModel([1, 2, 4, 8, 16, 32], [1.0, 1.05, 1.1, 1.3, 1.8, 3.0])
+    copying, chatting = chain([0.95, 0.9, 0.9, 0.85, 0.8, 0.8]), chain([0.1, 0.05, 0.01])
+    assert best_cuts([copying, chatting, chatting, chatting], cost) == [6, 0, 0, 0]
+    assert best_cut([copying, chatting, chatting, chatting], cost) < 6
+    # The likeliest nodes wherever they are: a node below a doubtful one counts at most as that one.
+    dip = chain([0.2, 0.9, 0.9])
+    assert best_cuts([dip, copying], CostModel([1, 2, 8], [1.0, 1.0, 1.4])) == [0, 6]
+
+
+def test_a_batch_forward_teaches_what_rows_and_their_drafts_cost_not_the_one_row_curve():
+    """Fifteen rows of one token cost more than one row of fifteen (each row attends to its own keys), and a
+    batch's draft tokens more than the one-row curve's slope says: batch forwards learn both, and the one-row
+    curve that single requests are sized on stays."""
+    cost = CostModel([1, 16, 64], [0.010, 0.020, 0.044])   # one row: 0.5 ms a token from 16 on
+    curve = [cost(t) for t in (1, 8, 16, 32)]
+    plain = 0.0195 + 14 * 0.0005                          # t(15) on the curve, plus 0.5 ms for each row past one
+    for _ in range(50):
+        cost.observe(15, plain, rows=15)
+        cost.observe(31, plain + 2 * (cost(31) - cost(15)), rows=15)  # drafts: twice the curve's slope
+    assert [cost(t) for t in (1, 8, 16, 32)] == curve
+    assert cost.per_row == pytest.approx(0.0005, rel=0.05) and cost.marginal == pytest.approx(2.0, rel=0.05)
+    assert cost(15, 15) == pytest.approx(plain, rel=0.02)
+    assert cost(47, 15) - cost(15, 15) == pytest.approx(2 * (cost(47) - cost(15)), rel=0.05)
+    assert cost(1, 1) == cost(1)
+
+
+def test_a_static_packed_batch_drafts_only_its_furthest_behind_rows():
+    """The batch ends with its furthest-behind rows; packed, another row's draft would cost the step its tokens
+    and only let that row leave sooner: it verifies its root alone."""
+    engine = Engine(tiny_model("llama", seed=1), IdTokenizer(), DraftConfig(), cost=CostModel([1, 2], [1.0, 1.0]))
+    decoder = engine.decoder()
+    assert decoder.verifier.packs
+    requests = [engine.request(prompt, max_new_tokens=40) for prompt in (COPY, COPY[3:] + [40, 41])]
+    for request in requests:
+        decoder.add(request)
+    verify, seen = decoder.verifier.verify, []
+    decoder.verifier.verify = lambda trees: seen.append([len(t) for t in trees]) or verify(trees)
+    ahead = 0
+    while not any(r.done for r in requests):
+        decoder.static = True
+        rooms = [r.room for r in requests]
+        decoder.step()
+        if rooms[0] != rooms[1]:
+            behind = rooms.index(max(rooms))
+            assert seen[-1][1 - behind] == 1
+            ahead += 1
+    assert ahead and any(max(sizes) > 1 for sizes in seen)
 
 
 def test_flat_span_is_how_much_wider_a_tree_costs_next_to_nothing():

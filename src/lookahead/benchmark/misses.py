@@ -84,6 +84,10 @@ class TracedState:
     def __init__(self, inner) -> None:
         self.inner, self.drafters = inner, []
 
+    @property
+    def recycle(self):  # the decode core feeds it for all rows at once
+        return self.inner.recycle
+
     def drafter(self, prompt: Sequence[int]) -> TracedDrafter:
         traced = TracedDrafter(self.inner.drafter(prompt))
         self.drafters.append(traced)
@@ -165,7 +169,7 @@ def lookup_walk(prompt: Sequence[int], answer: Sequence[int], cost: CostModel | 
 class FixedCurve(CostModel):
     """A cost curve that live forwards do not correct: another mode's, which the traced fp32 forwards must not move."""
 
-    def observe(self, total: int, seconds: float) -> None:
+    def observe(self, total: int, seconds: float, rows: int = 1) -> None:
         pass
 
 

@@ -4,12 +4,17 @@ transformers' DynamicLayer appends a forward's keys with `torch.cat`, which copi
 forward: measured 38 % of an 8-row plain step over a 600-token cache (SmolLM2-135M fp32, Zen 3; 91 of
 237 ms), growing with rows x length. `AppendLayer` keeps spare room after the cached positions and writes
 new keys into it, so a step costs what its own tokens cost; the cached keys are a view of that buffer.
-Whatever replaces `keys` by another tensor (dropping rows, merging a row) just starts a new buffer.
+Rows joining or leaving a batch (verify.py) get new buffers with room at once (`adopt`, `keep_rows`): left to
+the next forward, each join or leave copied the whole cache twice (measured: the step after a join took ~40 ms
+more at 16 rows of ~1,100 positions, SmolLM2 bf16, Zen 5). Whatever else replaces `keys` by another tensor
+just starts a new buffer.
 
 A verify forward writes each row's query block right after that row's own committed keys (`AppendCache.starts`,
 set by the verifier for one forward), not after the longest row's: every row's visible keys are then a prefix
 of its cache row, which attention can cut to its own length instead of the longest row's (see attention.py).
 Buffers start zeroed: a row's columns past its own block may be read (masked) before anything wrote them.
+In a packed forward (attention.py: the rows' real query tokens only, in a batch of one) `AppendCache.packed` says
+where each token sits in the padded [rows, q] block, and its keys are written to that row's block the same way.
 
 Sliding-window layers get a full-length layer too (we apply their window in the mask, see verify.py):
 a layer that drops old keys by itself cannot be rolled back once a rejected branch has pushed keys out
@@ -36,12 +41,13 @@ class AppendLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                place: tuple[int, torch.Tensor, torch.Tensor] | None = None, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append; with `place` (end, rows, columns: see AppendCache._place_for) each row's keys go where it says."""
+        """Append; with `place` (end, rows, columns: see AppendCache._place_for) each row's keys go where it says
+        (key_states [B, Hkv, m, d], or packed: [1, Hkv, T, d] for T tokens spread over the cache's B rows)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, m = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
         end = n + m if place is None else place[0]
-        buffers = self._room(n, end, key_states, value_states)
+        buffers = self._room(n, end, key_states, value_states, self.keys.shape[0] if n else key_states.shape[0])
         for buffer, states in zip(buffers, (key_states, value_states), strict=True):
             if place is None:
                 buffer[..., n: end, :] = states
@@ -50,18 +56,41 @@ class AppendLayer(DynamicLayer):
         self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
         return self.keys, self.values
 
-    def _room(self, n: int, end: int, key_states: torch.Tensor, value_states: torch.Tensor
+    def _room(self, n: int, end: int, key_states: torch.Tensor, value_states: torch.Tensor, rows: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers whose first n positions are the cached keys, with room up to `end` (a new pair if need be)."""
+        """Buffers of `rows` rows whose first n positions are the cached keys, with room up to `end` (a new pair
+        if need be)."""
         keys, values, buffers = self.keys, self.values, self.buffers
         if buffers is None or not (_prefix(keys, buffers[0]) and _prefix(values, buffers[1])) \
                 or end > buffers[0].shape[-2]:
-            capacity = end + max(ROOM, end // 4)
-            buffers = tuple(s.new_zeros(*s.shape[:-2], capacity, s.shape[-1]) for s in (key_states, value_states))
+            buffers = tuple(s.new_zeros(rows, s.shape[1], capacity(end), s.shape[-1])
+                            for s in (key_states, value_states))
             if n:
                 buffers[0][..., :n, :], buffers[1][..., :n, :] = keys, values
             self.buffers = buffers
         return buffers
+
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take buffers [B, H, capacity, d] whose first `length` positions are the cached keys: the next forward
+        writes into their room instead of copying the cache into new ones."""
+        self.device = keys.device
+        self.buffers, self.is_initialized = (keys, values), True
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+    def keep_rows(self, index: torch.Tensor, length: int) -> None:
+        """Only the rows `index`, cut to `length` positions, with room after them (one copy of those rows)."""
+        buffers = self.buffers
+        if buffers is not None and _prefix(self.keys, buffers[0]) and _prefix(self.values, buffers[1]):
+            self.adopt(buffers[0].index_select(0, index), buffers[1].index_select(0, index), length)
+        else:
+            self.keys = self.keys.index_select(0, index)[:, :, :length]
+            self.values = self.values.index_select(0, index)[:, :, :length]
+
+
+def capacity(end: int) -> int:
+    """Positions a new buffer gets for `end` cached ones: room for the coming forwards."""
+    return end + max(ROOM, end // 4)
 
 
 def _prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -77,6 +106,8 @@ class AppendCache(DynamicCache):
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=AppendLayer)
         self.starts: list[int] | None = None  # per-row write positions for the next forward (None: append)
+        # A packed forward's tokens: (index of each in the padded [rows, q] block, q); None: the block itself.
+        self.packed: tuple[torch.Tensor, int] | None = None
         self._place: tuple | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -88,18 +119,27 @@ class AppendCache(DynamicCache):
             self.layers.append(AppendLayer())
         layer = self.layers[layer_idx]
         n = layer.keys.shape[-2] if layer.is_initialized and layer.keys.numel() else 0
-        place = None if all(s == n for s in starts) else self._place_for(key_states.shape[-2], key_states.device)
-        return layer.update(key_states, value_states, place=place)
+        packed = self.packed
+        if packed is None and all(s == n for s in starts):
+            return layer.update(key_states, value_states)
+        return layer.update(key_states, value_states, place=self._place_for(key_states.shape[-2], key_states.device))
 
     def _place_for(self, m: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Where m new keys per row go under `starts`, for one indexed write per layer: (end of the cache,
-        row index, column index); built once per forward."""
-        starts = self.starts
-        if self._place is None or self._place[0] != (starts, m):
-            rows = torch.arange(len(starts)).repeat_interleave(m)
-            columns = (torch.tensor(starts)[:, None] + torch.arange(m)).flatten()
-            self._place = ((list(starts), m), (max(starts) + m, rows.to(device), columns.to(device)))
-        return self._place[1]
+        """Where this forward's new keys go under `starts` (m per row, or the packed tokens), for one indexed
+        write per layer: (end of the cache, row index, column index); built once per forward."""
+        starts, packed = self.starts, self.packed
+        if self._place is None or self._place[0] != (starts, m) or self._place[1] is not packed:
+            if packed is None:
+                rows = torch.arange(len(starts)).repeat_interleave(m)
+                columns = (torch.tensor(starts)[:, None] + torch.arange(m)).flatten()
+                end = max(starts) + m
+            else:
+                index, q = packed
+                rows, offsets = index // q, index % q
+                columns = torch.tensor(starts)[rows] + offsets
+                end = max(starts) + q
+            self._place = ((list(starts), m), packed, (end, rows.to(device), columns.to(device)))
+        return self._place[2]
 
 
 def new_cache() -> DynamicCache:

@@ -20,7 +20,8 @@ prefilling requests per running row (read off the cost curve): one long prompt d
 about one step's time per step, not by its whole prefill; the shortest waiting prompt goes first.
 In a static batch (nothing waits to take a finished row's place: `run` sets `Decoder.static`), the batch ends when
 its furthest-behind rows do: the cut is judged by the least they expect, and the sizing policy's guard credits each
-step with their progress for every row.
+step with their progress for every row. Where the verifier packs rows (a forward costs its real tokens, verify.py),
+only those rows draft there, and in a running batch each row is cut on its own.
 `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request joins only
 while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and
@@ -57,6 +58,7 @@ class StepReport:
     draft_nodes: int = 0      # draft nodes verified
     accepted_draft: int = 0   # of those, accepted
     nodes_per_row: int = 0    # the largest row's verified draft (0: plain step)
+    tokens: int = 0           # query tokens the forward ran
     forward_s: float = 0.0
     other_s: float = 0.0      # drafting, accepting, committing, feeding back
     choice: Choice | None = None
@@ -157,7 +159,7 @@ class Decoder:
                 self.prefilling.remove(row)
                 self.rows.append(row)
                 if row.drafter is not None:
-                    self.sizing.new_text()
+                    self.sizing.new_text(len(self.rows))
         return failed
 
     def _settle(self) -> None:
@@ -175,11 +177,11 @@ class Decoder:
         chunk = self.prefill_chunk or 0
         if not self.rows:
             return chunk
-        step_tokens = max(1, self.report.rows * (self.report.nodes_per_row + 1))
+        step_tokens = max(1, self.report.tokens)
         share = max(1.0, len(self.prefilling) / len(self.rows))
         if self.cost is None:
             return max(PREFILL_MIN, min(chunk, int(4 * step_tokens * share)))
-        limit = self.cost(step_tokens) * share
+        limit = self.cost(step_tokens, self.report.rows) * share
         tokens = PREFILL_MIN
         while tokens * 2 <= chunk and self.cost(tokens * 2) <= limit:
             tokens *= 2
@@ -215,13 +217,14 @@ class Decoder:
         copy_run = max(self._behind(rooms, copy_runs) if self.static else copy_runs)
         drafting = any(row.drafter is not None for row in rows)
         plan = self.sizing.plan(len(rows), copy_run) if drafting else Choice(0, "undrafted")
-        trees, draft_s = self._draft(plan)
-        # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
-        # A static batch's cut is judged by what its furthest-behind rows expect (see sizing).
+        # A static batch's cut is judged by what its furthest-behind rows expect (see sizing); packed, the
+        # others do not draft: their drafts would cost the step their tokens and only let them leave sooner.
         counted = self._behind(rooms, list(range(len(rows)))) if self.static and len(rows) > 1 else None
-        choice = plan if plan is not None else self.sizing.choose(trees, tail, counted)
-        if choice.nodes is not None:
-            trees = [t.prefix(choice.nodes) for t in trees]
+        packed = self.verifier.packs
+        trees, draft_s = self._draft(plan, set(counted) if counted is not None and packed else None)
+        # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
+        choice = plan if plan is not None else self.sizing.choose(trees, tail, counted, packed)
+        trees = choice.cut(trees)
         t1 = time.perf_counter()
         logits = self.verifier.verify(trees)
         t2 = time.perf_counter()
@@ -238,7 +241,7 @@ class Decoder:
         self.verifier.commit(paths)
         forward_s = t2 - t1
         total_emitted = accepted_draft = draft_nodes = 0
-        plain = choice.plain
+        recycle_s = self._recycle(trees, logits, choice)
         for i, (row, tree, tokens) in enumerate(zip(rows, trees, emitted, strict=True)):
             request, stats = row.request, row.request.stats
             if request.error is not None:
@@ -246,10 +249,7 @@ class Decoder:
             t = time.perf_counter()
             kept = request.append(tokens)
             if row.drafter is not None:
-                # A plain step (the guard's, or drafting off) feeds the trie but not the recycle table: its
-                # top-k over the vocabulary costs ~0.2-0.5 ms a row, which the no-draft loop the guard
-                # compares against (and a server without drafting) does not pay.
-                row.drafter.observe(tokens, tree=tree, logits=None if plain else logits[i], nodes=paths[i])
+                row.drafter.observe(tokens, tree=tree, nodes=paths[i])  # the recycle table learnt above
                 stats.sources = {name: (s.proposed, s.accepted) for name, s in row.drafter.stats.items()}
             total_emitted += len(tokens)
             accepted_draft += len(tokens) - 1
@@ -262,21 +262,35 @@ class Decoder:
                 stats.prefill_s += forward_s
             else:
                 stats.forward_s += forward_s
-            stats.draft_s += draft_s[i] + time.perf_counter() - t
+            stats.draft_s += draft_s[i] + recycle_s + time.perf_counter() - t
             stats.total_s = time.perf_counter() - row.started
-        q = max(len(t) for t in trees)
+        q, tokens = max(len(t) for t in trees), self.verifier.tokens
         seconds = time.perf_counter() - t0
         if not tail:  # a forward that also prefills is no verify step: neither the curve nor the guard learns from it
             if self.cost is not None:
-                self.cost.observe(len(rows) * q, forward_s)
+                self.cost.observe(tokens, forward_s, len(rows))
             self.sizing.observe(choice, len(rows), self._progress(rooms, emitted, total_emitted), accepted_draft,
-                                seconds)
-        self.report = StepReport(len(rows), total_emitted, draft_nodes, accepted_draft, q - 1, forward_s,
+                                seconds, tokens)
+        self.report = StepReport(len(rows), total_emitted, draft_nodes, accepted_draft, q - 1, tokens, forward_s,
                                  seconds - forward_s, choice)
         finished = [row.request for row in rows if row.request.done]
         if finished:
             self.remove(finished)
         return finished
+
+    def _recycle(self, trees: list[DraftTree], logits: list[torch.Tensor], choice: Choice) -> float:
+        """Feed the recycle table every drafting row's verified inputs and logits at once (one top-k over the
+        batch: per row it cost ~0.2 ms, 3 ms of a 16-row step); returns the seconds a row is charged.
+        A plain step (the guard's, or drafting off) feeds it nothing: the no-draft loop the guard compares
+        against (and a server without drafting) does not pay the top-k."""
+        recycle = getattr(self.drafting, "recycle", None)
+        drafting = [i for i, row in enumerate(self.rows) if row.drafter is not None and row.request.error is None]
+        if recycle is None or choice.plain or not drafting:
+            return 0.0
+        t = time.perf_counter()
+        inputs = [token for i in drafting for token in trees[i].tokens]
+        recycle.update(inputs, torch.cat([logits[i] for i in drafting]) if len(drafting) > 1 else logits[drafting[0]])
+        return (time.perf_counter() - t) / len(drafting)
 
     def _behind(self, rooms: list[int], values: list[int]) -> list[int]:
         """`values` of the furthest-behind rows (the most room left) that have not failed."""
@@ -293,16 +307,18 @@ class Decoder:
         behind = self._behind(rooms, [len(tokens) for tokens in emitted])
         return round(live * sum(behind) / len(behind))
 
-    def _draft(self, plan: Choice | None) -> tuple[list[DraftTree], list[float]]:
-        """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root."""
+    def _draft(self, plan: Choice | None, only: set[int] | None = None) -> tuple[list[DraftTree], list[float]]:
+        """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root
+        (`only`: the rows that may draft; None: all)."""
         trees, seconds = [], []
         spare = self.caps.nodes - max(self.row_nodes, self.caps.nodes // max(len(self.rows), 1))
-        for row in self.rows:
+        for i, row in enumerate(self.rows):
             t = time.perf_counter()
             request = row.request
             root = request.ids[-1] if request.ids else request.prompt[-1]
             room = request.room
-            if row.drafter is None or room <= 0 or (plan is not None and plan.kind != "probe"):
+            if row.drafter is None or room <= 0 or (plan is not None and plan.kind != "probe") \
+                    or (only is not None and i not in only):
                 trees.append(DraftTree.root_only(root))
             else:
                 caps = self.copy_caps if row.drafter.copy_run >= self.caps.depth else self.caps

@@ -29,16 +29,25 @@ transformers' sliding_window_overlay (key position > query position - window).
 
 Masks are additive floats: transformers passes a 4D mask through untouched and eager attention
 *adds* it to the scores (a boolean mask would be silently ignored).
+
+Packed. On our own attention (attention.py), a batch whose trees differ in size runs the model on the rows'
+real query tokens only, in a batch of one; attention and the cache see the padded layout above. The linear
+layers and the lm head then cost the step's real tokens, not rows x the largest tree: a copying row's
+draft no longer makes every other row pay for as many tokens (`Verifier.tokens`).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 
 from ..tree import DraftTree
-from .kv import cache_argument, check_cache, new_cache
+from .attention import NAME as GROUPED
+from .attention import packed
+from .kv import AppendLayer, cache_argument, capacity, check_cache, new_cache
 from .support import ModelBound
 
 
@@ -53,7 +62,12 @@ class Verifier(ModelBound):
         self.past: list[int] = []        # committed tokens in each row's cache
         self.pending: list[list[int]] = []  # committed tokens not cached yet (a lone row's prompt tail)
         self.length = 0                  # L: common cache length (max past)
+        self.tokens = 0                  # query tokens the last verify forward ran (packed: the real ones)
         self._step: tuple[int, list[int]] | None = None  # (L, tree sizes) between verify and commit
+        # Rows can be packed where attention is ours: it knows where each packed token sits (see Packed). On CPUs
+        # only, where a forward's cost follows its tokens; a GPU runs small batches at launch cost, and packing
+        # adds launches (measured on CPUs alone so far).
+        self.packs = getattr(model.config, "_attn_implementation", None) == GROUPED and self.device.type == "cpu"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -125,37 +139,40 @@ class Verifier(ModelBound):
         self.length = max(self.past)
         index = torch.tensor(keep, device=self.device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, : self.length]
-            layer.values = layer.values.index_select(0, index)[:, :, : self.length]
+            if isinstance(layer, AppendLayer):
+                layer.keep_rows(index, self.length)
+            else:
+                layer.keys = layer.keys.index_select(0, index)[:, :, : self.length]
+                layer.values = layer.values.index_select(0, index)[:, :, : self.length]
 
     def _merge(self, row: DynamicCache, past: int) -> None:
-        """Append a one-row cache of `past` positions to the batch, padding both to a common length."""
+        """Append a one-row cache of `past` positions to the batch, padding both to a common length: one copy of
+        each into new buffers with room (kv.py), which the next forward writes into."""
         length = max(self.length, past)
         batch_layers, row_layers = self.cache.layers, row.layers
         if not row_layers and not batch_layers:  # nothing cached on either side yet
             self.length = length
             return
         template = row_layers or batch_layers
-
-        def pad(x: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
-            if x is None:
-                shape = (rows, like.shape[1], length, like.shape[3])
-                return torch.zeros(shape, dtype=like.dtype, device=like.device)
-            if x.shape[2] < length:
-                extra = x.new_zeros(x.shape[0], x.shape[1], length - x.shape[2], x.shape[3])
-                x = torch.cat([x, extra], dim=2)
-            return x[:, :, :length]
-
+        rows = len(self.keys)
         merged = self.cache if batch_layers else row
         for i, ref in enumerate(template):
-            old = batch_layers[i] if batch_layers else None
-            new = row_layers[i] if row_layers else None
-            rows = len(self.keys)
-            keys = torch.cat([pad(old.keys if old else None, rows, ref.keys),
-                              pad(new.keys if new else None, 1, ref.keys)], dim=0)
-            values = torch.cat([pad(old.values if old else None, rows, ref.values),
-                                pad(new.values if new else None, 1, ref.values)], dim=0)
-            merged.layers[i].keys, merged.layers[i].values = keys, values
+            parts = [(batch_layers[i] if batch_layers else None, slice(0, rows)),
+                     (row_layers[i] if row_layers else None, slice(rows, rows + 1))]
+            buffers = []
+            for like in (ref.keys, ref.values):
+                shape = (rows + 1, like.shape[1], capacity(length) if isinstance(merged.layers[i], AppendLayer)
+                         else length, like.shape[3])
+                buffers.append(like.new_zeros(shape))
+            for layer, where in parts:
+                if layer is not None and layer.keys.numel():
+                    n = min(layer.keys.shape[2], length)
+                    buffers[0][where, :, :n] = layer.keys[:, :, :n]
+                    buffers[1][where, :, :n] = layer.values[:, :, :n]
+            if isinstance(merged.layers[i], AppendLayer):
+                merged.layers[i].adopt(buffers[0], buffers[1], length)
+            else:
+                merged.layers[i].keys, merged.layers[i].values = buffers
         self.cache, self.length = merged, length
 
     # -- one step ---------------------------------------------------------------------------
@@ -207,20 +224,32 @@ class Verifier(ModelBound):
         if self._step is not None:
             raise RuntimeError("commit the previous step first")
         input_ids, positions, mask = self.inputs(trees)
-        q, tails = input_ids.shape[1], [len(tail) for tail in self.pending]
+        rows, q, tails = len(trees), input_ids.shape[1], [len(tail) for tail in self.pending]
+        sizes = [p + len(t) for t, p in zip(trees, tails, strict=True)]
+        index = None
+        if self.packs and rows > 1 and sum(sizes) < rows * q and self.cache.layers:
+            index = torch.cat([torch.arange(i * q, i * q + n) for i, n in enumerate(sizes)])
+            input_ids, positions = input_ids.view(-1)[index][None], positions.view(-1)[index][None]
         # A lone row's pending tail needs no logits: keep the tree's (the query's last positions).
-        keep = {"logits_to_keep": len(trees[0])} if len(trees) == 1 and tails[0] else {}
+        keep = {"logits_to_keep": len(trees[0])} if rows == 1 and tails[0] else {}
         self.cache.starts = list(self.past)  # each row's block right after its own keys (see Layout)
+        self.cache.packed = None if index is None else (index, q)
         try:
-            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                             **keep, **{self.cache_arg: self.cache})
+            with packed(index.to(self.device), rows, q, sizes) if index is not None else nullcontext():
+                out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                                 **keep, **{self.cache_arg: self.cache})
         finally:
-            self.cache.starts = None
+            self.cache.starts = self.cache.packed = None
         if not self.keys or not self.cache.layers:
             raise RuntimeError("the model did not fill the KV cache")
         if any(tails):  # this forward may have been the cache's first fill: check it as prefill does
             check_cache(self.cache)
         self._step = (self.length, [len(t) for t in trees])
+        self.tokens = input_ids.numel()
+        if index is not None:  # row i's tokens follow rows 0..i-1's in the packed query
+            starts = [0, *itertools.accumulate(sizes)]
+            return [out.logits[0, starts[i] + p: starts[i] + p + len(t)]
+                    for i, (t, p) in enumerate(zip(trees, tails, strict=True))]
         first = q - out.logits.shape[1]  # query position of the first logits row
         return [out.logits[i, p - first: p - first + len(t)] for i, (t, p) in enumerate(zip(trees, tails, strict=True))]
 
