@@ -585,6 +585,25 @@ def test_a_batch_forward_teaches_what_rows_and_their_drafts_cost_not_the_one_row
     assert cost(1, 1) == cost(1)
 
 
+def test_a_batch_cut_is_judged_by_what_its_expected_tokens_realised():
+    """Picking the likeliest nodes across rows picks estimates that run high: a batch's accepted over expected
+    draft tokens scales what its cut expects (never up); a single request's cut reads its calibration as is."""
+    policy = SizingPolicy(cost=CostModel([1, 2, 4, 16, 64], [1.0, 1.05, 1.1, 1.5, 3.0]))
+    trees = [chain([0.6, 0.5, 0.4]) for _ in range(4)]
+    assert policy.choose(trees).nodes > 0 and policy.realised == 1.0
+    for _ in range(3):
+        choice = policy.choose(trees)
+        policy.observe(choice, 4, 4 + 12, 12, 1.0)       # as expected (4 x 1.5) or better: trusted as is
+    assert policy.realised == 1.0 and policy.choose(trees).nodes > 0
+    for _ in range(40):
+        choice = policy.choose(trees)
+        if not choice.nodes:
+            break
+        policy.observe(choice, 4, 4, 0, 1.0)            # nothing accepted: the estimates ran high
+    assert policy.realised < 0.2 and policy.choose(trees).nodes == 0
+    assert policy.choose(trees[:1]).nodes > 0             # a lone request: unchanged
+
+
 def test_a_static_packed_batch_drafts_only_its_furthest_behind_rows():
     """The batch ends with its furthest-behind rows; packed, another row's draft would cost the step its tokens
     and only let that row leave sooner: it verifies its root alone."""
