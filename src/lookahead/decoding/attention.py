@@ -80,8 +80,8 @@ _memo: dict[int, tuple] = {}
 MEMO = 4
 
 
-def _plan(mask: torch.Tensor, groups: int, query_rows: int) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
-    """The runs of rows (see `runs`; from each row's last visible column) and the mask for packed heads."""
+def _entry(mask: torch.Tensor) -> tuple:
+    """The mask's memo entry: (mask, each row's keys up to its last visible column, its plans by grouping)."""
     entry = _memo.get(id(mask))
     if entry is None or entry[0] is not mask:
         if mask.shape[0] == 1:  # one row (a single request): nothing to cut, no pass over the mask
@@ -94,6 +94,12 @@ def _plan(mask: torch.Tensor, groups: int, query_rows: int) -> tuple[list[tuple[
         if len(_memo) >= MEMO:  # masks of past forwards: dropped whole (one call, safe with another thread reading)
             _memo.clear()
         _memo[id(mask)] = entry
+    return entry
+
+
+def _plan(mask: torch.Tensor, groups: int, query_rows: int) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+    """The runs of rows (see `runs`; from each row's last visible column) and the mask for packed heads."""
+    entry = _entry(mask)
     plans = entry[2]
     if (groups, query_rows) not in plans:  # mask row j * q + i: query i of the group's head j
         plans[groups, query_rows] = (runs(entry[1], query_rows), mask.repeat(1, 1, groups, 1) if groups > 1 else mask)
@@ -116,9 +122,7 @@ class _Packing:
         row's tree on its own costs less than padding every row to the largest (see `runs` for the unit costs)."""
         entry = self.plans.get(id(mask))
         if entry is None or entry[0] is not mask:
-            seen = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).any(1)
-            columns = torch.arange(1, seen.shape[1] + 1, device=mask.device)
-            extents = (seen * columns).amax(1).clamp(min=1).tolist()
+            extents = _entry(mask)[1]  # the same pass `_plan` reads
             trees = [r for r, n in enumerate(self.sizes) if n > 1]
             padded = sum(e * (KEY_US + KEY_QUERY_US * groups * self.q) for e in extents)
             split = sum(e * (KEY_US + KEY_QUERY_US * groups) for e in extents) + sum(
