@@ -81,6 +81,33 @@ def test_ragged_batch_logits_equal_sequential_decoding(arch):
     assert len(verifier) == 0 and verifier.length == 0
 
 
+def test_rows_leave_and_join_in_place_through_spare_slots(arch):
+    """A leaving row's slot is filled by the last row and a joining row is written into a spare slot: the cache
+    buffers stay the same tensors (no copy of the batch), and every node's logits still equal sequential decoding."""
+    model = tiny_model(arch)
+    verifier = Verifier(model)
+    history = {}
+    for key in ("a", "b", "c", "d"):
+        verifier.add(key, PROMPTS[key][:-1])
+        history[key] = list(PROMPTS[key])
+    check_step(model, verifier, history, 0)
+
+    def buffers():
+        return [layer.buffers[0].data_ptr() for layer in verifier.cache.layers]
+
+    before = buffers()
+    verifier.remove(["a"])                # the first row leaves: the last takes its slot
+    assert verifier.keys == ["d", "b", "c"] and buffers() == before
+    check_step(model, verifier, history, 1)
+    verifier.add("e", [70, 71, 72, 73])   # into the spare slot
+    history["e"] = [70, 71, 72, 73, 74]
+    assert verifier.keys[-1] == "e" and buffers() == before
+    check_step(model, verifier, history, 2)
+    verifier.remove(["b", "c"])
+    assert verifier.keys == ["d", "e"] and buffers() == before
+    check_step(model, verifier, history, 3)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["padded-attention", "each-tree-apart"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_packed_rows_give_the_logits_sequential_decoding_gives(arch, split, monkeypatch):

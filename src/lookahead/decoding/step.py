@@ -194,7 +194,7 @@ class Decoder:
         leaving = [row for row in self.rows if id(row.request) in gone]
         if leaving:
             self.verifier.remove(leaving)
-            self.rows = [row for row in self.rows if id(row.request) not in gone]
+            self.rows = list(self.verifier.keys)  # the verifier's row order (leavers' places were filled)
 
     def abort(self) -> None:
         """After a failed forward: forget the uncommitted step and every row (their requests end)."""

@@ -19,7 +19,8 @@ layer (nothing moves where the accepted path is the tree's first branch) and cro
 common length: compaction costs O(accepted tokens), not O(cache).
 
 Rows join between steps (`add`: prefilled alone, then merged into the batch with padding)
-and leave between steps (`remove`: their cache rows are dropped at once). A row joining an empty
+and leave between steps (`remove`: their cache rows are dropped at once, the last rows taking their places:
+row order may change, `keys` says it). A row joining an empty
 batch may leave the tail of its prompt uncached (`join(..., pending=tail)`): its first step's query
 is then tail + tree, causal over the tail, so the prefill's last forward also verifies the first
 tree, as `model.generate`'s prefill also yields the first token (one forward fewer per request; the
@@ -47,7 +48,7 @@ from transformers import DynamicCache
 from ..tree import DraftTree
 from .attention import NAME as GROUPED
 from .attention import packed
-from .kv import AppendLayer, cache_argument, capacity, check_cache, new_cache
+from .kv import AppendLayer, cache_argument, capacity, check_cache, new_cache, slots
 from .support import ModelBound
 
 
@@ -92,6 +93,7 @@ class Verifier(ModelBound):
             check_cache(row)
         return row
 
+    @torch.inference_mode()
     def join(self, key: Hashable, row: DynamicCache, past: int, pending: Sequence[int] = ()) -> None:
         """A prefilled one-row cache of `past` positions becomes a row of the batch (between steps).
 
@@ -123,34 +125,47 @@ class Verifier(ModelBound):
 
     @torch.inference_mode()
     def remove(self, keys: Sequence[Hashable]) -> None:
-        """Drop rows (finished or cancelled) and their cache at once."""
+        """Drop rows (finished or cancelled) and their cache at once. The last rows take the leavers' places
+        (`keys` gives the new order): in the cache each moves in place, one row's copy (kv.py)."""
         if self._step is not None:
             raise RuntimeError("rows can only leave between steps (after commit)")
         gone = set(keys)
         keep = [i for i, k in enumerate(self.keys) if k not in gone]
         if len(keep) == len(self.keys):
             return
-        self.keys = [self.keys[i] for i in keep]
-        self.past = [self.past[i] for i in keep]
-        self.pending = [self.pending[i] for i in keep]
-        if not keep:
+        order = list(range(len(keep)))
+        holes = [i for i in order if self.keys[i] in gone]
+        for hole, last in zip(holes, [i for i in keep if i >= len(keep)], strict=True):
+            order[hole] = last
+        self.keys = [self.keys[i] for i in order]
+        self.past = [self.past[i] for i in order]
+        self.pending = [self.pending[i] for i in order]
+        if not order:
             self.cache, self.length = new_cache(), 0
             return
         self.length = max(self.past)
-        index = torch.tensor(keep, device=self.device)
         for layer in self.cache.layers:
             if isinstance(layer, AppendLayer):
-                layer.keep_rows(index, self.length)
+                layer.keep_rows(order, self.length)
             else:
+                index = torch.tensor(order, device=self.device)
                 layer.keys = layer.keys.index_select(0, index)[:, :, : self.length]
                 layer.values = layer.values.index_select(0, index)[:, :, : self.length]
 
     def _merge(self, row: DynamicCache, past: int) -> None:
-        """Append a one-row cache of `past` positions to the batch, padding both to a common length: one copy of
-        each into new buffers with room (kv.py), which the next forward writes into."""
+        """Append a one-row cache of `past` positions to the batch, padding both to a common length: into a spare
+        slot of the batch's buffers where they have one (a copy of the row), else one copy of each into new buffers
+        with room and spare slots (kv.py), which the next forward writes into."""
         length = max(self.length, past)
         batch_layers, row_layers = self.cache.layers, row.layers
         if not row_layers and not batch_layers:  # nothing cached on either side yet
+            self.length = length
+            return
+        if batch_layers and all(isinstance(layer, AppendLayer) and layer.spare(length) for layer in batch_layers) \
+                and len(row_layers) in (0, len(batch_layers)):
+            for i, layer in enumerate(batch_layers):
+                cached = row_layers[i] if row_layers else None
+                layer.put_row(cached.keys if cached else None, cached.values if cached else None, length)
             self.length = length
             return
         template = row_layers or batch_layers
@@ -159,18 +174,19 @@ class Verifier(ModelBound):
         for i, ref in enumerate(template):
             parts = [(batch_layers[i] if batch_layers else None, slice(0, rows)),
                      (row_layers[i] if row_layers else None, slice(rows, rows + 1))]
+            append = isinstance(merged.layers[i], AppendLayer)
             buffers = []
             for like in (ref.keys, ref.values):
-                shape = (rows + 1, like.shape[1], capacity(length) if isinstance(merged.layers[i], AppendLayer)
-                         else length, like.shape[3])
+                shape = (slots(rows + 1) if append else rows + 1, like.shape[1],
+                         capacity(length) if append else length, like.shape[3])
                 buffers.append(like.new_zeros(shape))
             for layer, where in parts:
                 if layer is not None and layer.keys.numel():
                     n = min(layer.keys.shape[2], length)
                     buffers[0][where, :, :n] = layer.keys[:, :, :n]
                     buffers[1][where, :, :n] = layer.values[:, :, :n]
-            if isinstance(merged.layers[i], AppendLayer):
-                merged.layers[i].adopt(buffers[0], buffers[1], length)
+            if append:
+                merged.layers[i].adopt(buffers[0], buffers[1], length, rows + 1)
             else:
                 merged.layers[i].keys, merged.layers[i].values = buffers
         self.cache, self.length = merged, length

@@ -1,0 +1,60 @@
+"""What a row leaving and a row joining a running batch cost, against a steady plain step.
+
+    python bench/join_leave.py [ROWS] [CONTEXT] [DTYPE]     e.g. 15 1000 auto (15 rows of ~1,000 cached tokens)
+
+One process, SmolLM2-135M (`auto`: the dtype and kernels `load` picks). Eight times: three plain steps, a row
+leaves, a 300-token prompt is prefilled alone and joins, one more step. Prints medians: the steady step, the
+leave, the join (without its prompt's prefill, printed apart) and the first step after them (a join or leave that
+left its copying to the next forward would show there).
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import lookahead
+from lookahead.decoding.verify import Verifier
+from lookahead.tree import DraftTree
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+    context = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    torch.set_num_threads(2)
+    engine = lookahead.load("smollm2-135m", dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
+    verifier = Verifier(engine.model)
+    for r in range(rows):  # rows of different lengths: the cache is padded
+        verifier.add(r, list(range(100 + r, 100 + r + context - 20 * r)))
+
+    def step() -> float:
+        t = time.perf_counter()
+        verifier.verify([DraftTree.root_only(5)] * len(verifier))
+        verifier.commit([[0]] * len(verifier))
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        step()
+    steady, leaves, prefills, joins, after = [], [], [], [], []
+    prompt = list(range(200, 500))
+    for k in range(8):
+        steady += [step() for _ in range(3)]
+        t = time.perf_counter()
+        verifier.remove([verifier.keys[k % len(verifier)]])
+        leaves.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        row = verifier.prefill(None, prompt)
+        prefills.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        verifier.join(("joined", k), row, len(prompt))
+        joins.append(time.perf_counter() - t)
+        after.append(step())
+    ms = [1000 * statistics.median(x) for x in (steady, leaves, joins, prefills, after)]
+    print(f"{rows} rows of ~{context} positions, {engine.dtype_reason}")
+    print("steady step %.1f ms | leave %.1f ms | join %.1f ms (its prefill %.1f ms) | first step after %.1f ms" % tuple(ms))
+
+
+if __name__ == "__main__":
+    main()
