@@ -299,13 +299,19 @@ class Decoder:
         return [v for room, v in live if room == behind] or [0]
 
     def _progress(self, rooms: list[int], emitted: list[list[int]], total: int) -> int:
-        """Tokens the guard credits a step with: all rows' (`total`), or in a static batch as many for every row
-        as the furthest-behind rows emitted on average (the batch's end waits on them; at first all rows tie)."""
+        """Tokens the guard credits a step with: all rows' (`total`), or in a static batch as many for every row as
+        its end came closer: by how much the most room any row has left fell (a row finishing at its end-of-text
+        counted as going on: that is the text's luck, not the step's). Not the furthest-behind rows' tokens: one of
+        them accepting five while the next-behind row emits one brings the end one token closer, not five (traced,
+        40 mixed prompts at 16 rows: such steps read drafting as 2x faster in the batch's last 40 steps, which
+        drafted at a loss)."""
         if not self.static or len(self.rows) < 2:
             return total
-        live = sum(row.request.error is None for row in self.rows)
-        behind = self._behind(rooms, [len(tokens) for tokens in emitted])
-        return round(live * sum(behind) / len(behind))
+        live = [(room, len(tokens)) for row, room, tokens in zip(self.rows, rooms, emitted, strict=True)
+                if row.request.error is None]
+        if not live:
+            return total
+        return len(live) * (max(room for room, _ in live) - max(room - n for room, n in live))
 
     def _draft(self, plan: Choice | None, only: set[int] | None = None) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root
