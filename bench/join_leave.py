@@ -53,7 +53,8 @@ def main() -> None:
         after.append(step())
     ms = [1000 * statistics.median(x) for x in (steady, leaves, joins, prefills, after)]
     print(f"{rows} rows of ~{context} positions, {engine.dtype_reason}")
-    print("steady step %.1f ms | leave %.1f ms | join %.1f ms (its prefill %.1f ms) | first step after %.1f ms" % tuple(ms))
+    print(f"steady step {ms[0]:.1f} ms | leave {ms[1]:.1f} ms | join {ms[2]:.1f} ms (its prefill {ms[3]:.1f} ms) | "
+          f"first step after {ms[4]:.1f} ms")
 
 
 if __name__ == "__main__":

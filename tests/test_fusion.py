@@ -196,6 +196,21 @@ def test_a_cold_state_does_not_expect_a_prompt_copy_chain_to_be_accepted_whole()
     assert sum(tree.expected[1:]) < 1.5
 
 
+def test_a_drafter_given_least_ends_its_tree_before_the_first_node_expected_below_it():
+    """What the sizing policy would never verify is not built: the tree is the whole one's prefix up to the first
+    node whose expected tokens (the least on its way in best-first order) fall below `least`."""
+    prompt = list(range(1, 14)) + [1]
+    state = DraftState(TokenTrie(max_match=1, window=16), sources=("prompt",))
+    whole = state.drafter(prompt).propose(prompt, Budget(12, 12))
+    floors = [min(whole.expected[1:i + 1]) for i in range(1, len(whole))]
+    least = (floors[2] + floors[3]) / 2 if floors[2] > floors[3] else floors[3]
+    cut = state.drafter(prompt).propose(prompt, Budget(12, 12), least=least)
+    kept = sum(f >= least for f in floors)
+    assert 0 < kept < len(whole) - 1
+    assert cut.tokens == whole.tokens[:1 + kept] and cut.expected == whole.expected[:1 + kept]
+    assert state.drafter(prompt).propose(prompt, Budget(12, 12), least=1.01).tokens == [1]
+
+
 def test_drafter_records_per_source_acceptance():
     state = DraftState(TokenTrie(max_match=2, window=6), RecycleTable(32, 4))
     drafter = state.drafter([1, 2, 3, 4, 1, 2])

@@ -502,6 +502,35 @@ def test_steps_of_requests_that_do_not_draft_are_plain_steps_for_the_guard():
     assert engine.sizing.speeds and not any(drafted for _, drafted in engine.sizing.speeds)
 
 
+def test_a_packed_batchs_drafts_end_where_no_node_could_pay():
+    """`least`: in a packed batch a node must bring about what a draft token costs over a row's plain token; the
+    drafters stop building there, and the cut over the shorter trees is the cut over the whole ones. One row,
+    a guard trial and a probe verify nodes that do not pay: there trees are built whole (least 0)."""
+    rows, cost = 8, CostModel([1, 2, 4, 8, 16, 32, 64], [4.5, 5.0, 6.0, 8.0, 12.0, 20.0, 36.0])  # 0.5 a token
+    policy = SizingPolicy(cost)
+    least = policy.least(rows, 12)
+    assert least == pytest.approx(0.25)  # WORTH_SLACK x a token's cost (0.5) over a row's share of a plain step (1)
+    assert policy.least(1, 12) == 0.0
+    policy.trial = True
+    assert policy.least(rows, 12) == 0.0
+    policy.trial, policy.idle = False, policy.probe_every - 1
+    assert policy.least(rows, 12) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    differ = 0
+    for _ in range(200):
+        trees = [chain(sorted(torch.rand(12, generator=gen).pow(0.3).tolist(), reverse=True)) for _ in range(rows)]
+        for t in trees:
+            t.expected[1:] = [e if torch.rand(1, generator=gen) < 0.8 else e / 4 for e in t.expected[1:]]
+        pruned = []
+        for t in trees:
+            floors = [min(t.expected[1:i + 1]) for i in range(1, len(t))]
+            pruned.append(t.prefix(1 + sum(f >= least for f in floors)))
+        whole = best_cuts(trees, cost)
+        assert best_cuts(pruned, cost) == whole
+        differ += any(len(p) < len(t) for p, t in zip(pruned, trees, strict=True)) and any(whole)
+    assert differ > 50  # pruned trees, and cuts that draft: the comparison was not vacuous
+
+
 def test_a_static_batch_is_judged_by_its_furthest_behind_rows():
     """With nothing waiting to take a finished row's place, a batch ends when its furthest-behind row does: the cut
     is judged by what those rows expect, and the guard credits each step, for every row, with how much closer that

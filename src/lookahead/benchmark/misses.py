@@ -65,8 +65,8 @@ class TracedDrafter:
     def stats(self) -> dict:
         return self.inner.stats
 
-    def propose(self, context: list[int], budget: Budget) -> DraftTree:
-        tree = self.inner.propose(context, budget)
+    def propose(self, context: list[int], budget: Budget, least: float = 0.0) -> DraftTree:
+        tree = self.inner.propose(context, budget, least)
         self._proposed = (tree, budget)
         return tree
 

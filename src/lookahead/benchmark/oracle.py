@@ -63,7 +63,8 @@ class OracleDrafter:
         self.stats: dict = {}  # no draft sources to report (the decode core reads this)
         self.copy_run = 0  # no hint for the guard: the oracle's engine has none (fixed sizing)
 
-    def propose(self, context: list[int], budget: Budget) -> DraftTree:
+    def propose(self, context: list[int], budget: Budget, least: float = 0.0) -> DraftTree:
+        """The known continuation as a chain (every node expected 1.0: `least` never ends it)."""
         done = len(context) - self.offset
         chain = self.continuation[done:done + min(budget.nodes, budget.depth)]
         if self.copy:

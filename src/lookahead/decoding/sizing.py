@@ -12,7 +12,8 @@ the n with the best rate; n = 0 is plain decoding. A single request is B = 1: ve
 whose expected tokens per unit of cost is highest. As B grows, t(B * q) grows and trees shrink.
 Where the verifier packs rows (verify.py: a forward costs its rows' real tokens, not B * q), each row
 is cut on its own (`best_cuts`): the step verifies the nodes likeliest to be accepted, wherever they
-are, as many as pay on the curve, so a copying row drafts deep while rows beside it draft nothing.
+are, as many as pay on the curve, so a copying row drafts deep while rows beside it draft nothing;
+its drafters stop building trees at nodes that could not pay whatever else is drafted (`least`).
 A static batch (nothing waits to take a finished row's place) ends with its last row, so there the
 sum is B times the least that any of its furthest-behind rows expects: a copying row's drafts, paid
 for by every row's padding, would only let it leave sooner (packed, only those rows draft at all).
@@ -61,6 +62,7 @@ GUARD_MARGIN = 0.02
 # 4 tokens into the copy, followed "[" to "2023" where the log went on "[POP3]").
 COPY_TRIAL = 2 * MIN_RUN
 JOIN_TRIAL = 4        # a request joining a batch of at most this many rows calls a trial at once
+WORTH_SLACK = 0.5     # a packed batch's drafts end at nodes expected below this share of what a node costs (`least`)
 
 
 @dataclass
@@ -213,6 +215,20 @@ class SizingPolicy:
             self.idle = 0
             return Choice(forced_cut(trees, self.cost, tail, packed), "probe")
         return Choice(0, "sized")
+
+    def least(self, rows: int, nodes: int) -> float:
+        """Expected tokens below which a draft node cannot pay in a packed batch of `rows` rows verifying up to
+        `nodes` draft nodes: a token is worth a plain step's cost over its rows, a node costs at least the curve's
+        cheapest rise per token, and the sizing gains a node only where it brings more than that (`best_cuts`;
+        WORTH_SLACK halves it, for rises that pay only over many nodes). Drafters stop building there: at 16 rows a
+        draft token cost about what a row's token does (traced), and 12-node trees cost ~0.5 ms a row of Python
+        for cuts of 1-3 nodes. 0 (build whole trees) for one row, without a curve, or where this step may verify
+        nodes that do not pay (a guard trial, a probe)."""
+        if self.cost is None or rows < 2 or self.trial or self.idle + 1 >= self.probe_every:
+            return 0.0
+        plain = self.cost(rows, rows)
+        cheapest = min((self.cost(rows + j, rows) - plain) / j for j in range(1, max(nodes, 1) + 1))
+        return WORTH_SLACK * cheapest * rows / plain
 
     @property
     def realised(self) -> float:

@@ -221,7 +221,9 @@ class Decoder:
         # others do not draft: their drafts would cost the step their tokens and only let them leave sooner.
         counted = self._behind(rooms, list(range(len(rows)))) if self.static and len(rows) > 1 else None
         packed = self.verifier.packs
-        trees, draft_s = self._draft(plan, set(counted) if counted is not None and packed else None)
+        # Packed and judged by every row, a row's tree ends where its nodes could no longer pay (see sizing.least).
+        least = self.sizing.least(len(rows), self.caps.nodes) if packed and counted is None and plan is None else 0.0
+        trees, draft_s = self._draft(plan, set(counted) if counted is not None and packed else None, least)
         # A plan made before drafting (a plain step, or a probe's small trees) stands; else cut by cost.
         choice = plan if plan is not None else self.sizing.choose(trees, tail, counted, packed)
         trees = choice.cut(trees)
@@ -313,9 +315,10 @@ class Decoder:
             return total
         return len(live) * (max(room for room, _ in live) - max(room - n for room, n in live))
 
-    def _draft(self, plan: Choice | None, only: set[int] | None = None) -> tuple[list[DraftTree], list[float]]:
+    def _draft(self, plan: Choice | None, only: set[int] | None = None, least: float = 0.0
+               ) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root
-        (`only`: the rows that may draft; None: all)."""
+        (`only`: the rows that may draft; None: all; `least`: see Drafter.propose)."""
         trees, seconds = [], []
         spare = self.caps.nodes - max(self.row_nodes, self.caps.nodes // max(len(self.rows), 1))
         for i, row in enumerate(self.rows):
@@ -332,7 +335,10 @@ class Decoder:
                 nodes = nodes if request.max_draft is None else min(nodes, request.max_draft)
                 if plan is not None:  # a probe: a small tree
                     nodes = min(nodes, plan.nodes)
-                trees.append(row.drafter.propose(request.context, Budget(nodes, min(caps.depth, room))))
+                budget = Budget(nodes, min(caps.depth, room))
+                # `least` only where set: a drafter of the two-argument contract still serves single requests
+                trees.append(row.drafter.propose(request.context, budget, least=least) if least
+                             else row.drafter.propose(request.context, budget))
             seconds.append(time.perf_counter() - t)
         return trees, seconds
 

@@ -1,8 +1,9 @@
 """The fused drafter: one request's view of the shared `DraftState`, every source in one best-first tree.
 
-Two calls, the whole contract with decoding: `propose(context, budget) -> DraftTree` (the whole
+Two calls, the whole contract with decoding: `propose(context, budget, least) -> DraftTree` (the whole
 best-first tree within the budget, each node with its calibrated acceptance probability in
-`tree.expected`, so the sizing policy can cut it) and `observe(tokens, tree, logits, nodes)` (the
+`tree.expected`, so the sizing policy can cut it; `least`, optional: the tree ends where nodes are
+expected below it, as no such node could pay) and `observe(tokens, tree, logits, nodes)` (the
 verified tree, possibly cut, its logits and the accepted node indices). One read-only hint tells the
 sizing policy's guard that the text is predictable without building a tree: `copy_run`.
 """
@@ -36,8 +37,18 @@ class Drafter:
         """Tokens the output has just copied in a row from its context (0: not copying)."""
         return self.ngram.copy_run if self.ngram is not None else 0
 
-    def propose(self, context: list[int], budget: Budget) -> DraftTree:
+    def propose(self, context: list[int], budget: Budget, least: float = 0.0) -> DraftTree:
+        """The best-first tree within `budget`; `least`: it ends before the first node expected (the least expected
+        on its way in best-first order, as the sizing policy ranks it) below that many tokens."""
         state, trust = self.state, self.state.trust
+        worth = None
+        if least > 0:
+            floor = 1.0
+
+            def worth(score: float) -> bool:
+                nonlocal floor
+                floor = min(floor, state.calibration(score))
+                return floor >= least
         with state.trie.lock:
             cursors = {}
             if self.session:
@@ -48,7 +59,7 @@ class Drafter:
                 cursors["recycle"] = (trust["recycle"], state.recycle.cursor(context[-1]))
             if self.ngram:
                 cursors["ngram"] = (trust["ngram"], self.ngram.cursor())
-            scored = build_tree(context[-1], cursors, budget, GROUPS, state.siblings)
+            scored = build_tree(context[-1], cursors, budget, GROUPS, state.siblings, worth)
         self.last = scored
         tree = scored.tree
         tree.expected = [1.0] + [state.calibration(s) for s in scored.scores[1:]]

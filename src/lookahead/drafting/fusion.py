@@ -56,13 +56,15 @@ SHARE_MIN = 0.02  # the least share a sibling is judged at (see _push)
 
 
 def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budget: Budget,
-               groups: dict[str, str] | None = None, siblings: Trust | None = None) -> ScoredTree:
+               groups: dict[str, str] | None = None, siblings: Trust | None = None,
+               worth: Callable[[float], bool] | None = None) -> ScoredTree:
     """Best-first tree under `budget`; `cursors` maps source name -> (trust, cursor at the root).
 
     `groups` names each source's kind of evidence (default: its own). Sources of one group are
     correlated (all copy the same text): their best trusted probability counts, once. Groups
     are independent: combined by noisy-OR. `siblings` maps the share of probability a token's better
-    siblings leave it (where it claims more) to P(accepted | parent accepted); default: that share."""
+    siblings leave it (where it claims more) to P(accepted | parent accepted); default: that share.
+    `worth`: called on each node's score in best-first order; the tree stops before the first it refuses."""
     groups = groups or {}
     tokens, parents, scores, sources, shares = [root], [-1], [1.0], [{}], [None]
     if budget.nodes <= 0 or budget.depth <= 0:
@@ -73,6 +75,8 @@ def build_tree(root: int, cursors: dict[str, tuple[Trust, Cursor | None]], budge
     _push(frontier, tick, 0, 1.0, cursors, budget.nodes, groups, siblings)
     while frontier and len(tokens) <= budget.nodes:
         neg_score, _, parent, token, proposers, live, share = heapq.heappop(frontier)
+        if worth is not None and not worth(-neg_score):
+            break
         tokens.append(token)
         parents.append(parent)
         scores.append(-neg_score)
