@@ -153,3 +153,18 @@ def test_a_safetensors_file_of_another_kind_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(StateFileError, match="not a lookahead draft-state file"):
         DraftState.load(path)
+
+
+def test_a_request_scope_is_counted_when_first_read_as_if_fed_all_along():
+    """A request that never drafts does not pay for counting its prompt; one that drafts later reads the same counts
+    as if its prompt and every accepted token had been fed as they came."""
+    from lookahead.drafting.trie import _flatten
+    prompt, steps = [1, 2, 3, 1, 2, 4, 5], [[1, 2], [3], [1, 2, 4, 6]]
+    eager, lazy = TokenTrie(max_match=2, window=4).session(prompt), TokenTrie(max_match=2, window=4).session(prompt)
+    eager.cursors([1])  # read at once: counted from the start
+    for tokens in steps:
+        eager.observe(tokens)
+        lazy.observe(tokens)
+    assert lazy._request is None  # nothing read yet: the prompt not counted
+    assert _flatten(lazy.request.root) == _flatten(eager.request.root)
+    assert lazy.request.size == eager.request.size
