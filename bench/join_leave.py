@@ -10,24 +10,15 @@ left its copying to the next forward would show there).
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
-import torch
+from packed_rows import batch_of_rows  # bench/ is the script's directory
 
-import lookahead
-from lookahead.decoding.verify import Verifier
 from lookahead.tree import DraftTree
 
 
 def main() -> None:
-    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    context = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    torch.set_num_threads(2)
-    engine = lookahead.load("smollm2-135m", dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
-    verifier = Verifier(engine.model)
-    for r in range(rows):  # rows of different lengths: the cache is padded
-        verifier.add(r, list(range(100 + r, 100 + r + context - 20 * r)))
+    engine, verifier, rows, context = batch_of_rows(1000, apart=20)
 
     def step() -> float:
         t = time.perf_counter()

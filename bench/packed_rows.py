@@ -27,16 +27,23 @@ from lookahead.tree import DraftTree
 MIXES = [(1, 3), (1, 12), (2, 12), (4, 4), (8, 2), (15, 1), (15, 3)]  # (rows drafting, nodes each)
 
 
-def main() -> None:
+def batch_of_rows(context: int, apart: int) -> tuple[lookahead.Engine, Verifier, int, int]:
+    """SmolLM2 (argv: ROWS CONTEXT DTYPE) and a verifier holding ROWS rows of ~CONTEXT cached tokens, each row
+    `apart` tokens shorter than the one before (the cache is padded); also returns ROWS and CONTEXT."""
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    context = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    context = int(sys.argv[2]) if len(sys.argv) > 2 else context
     torch.set_num_threads(2)
     engine = lookahead.load("smollm2-135m", dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
     verifier = Verifier(engine.model)
+    for r in range(rows):
+        verifier.add(r, list(range(100 + r, 100 + r + context - apart * r)))
+    return engine, verifier, rows, context
+
+
+def main() -> None:
+    engine, verifier, rows, context = batch_of_rows(200, apart=3)  # rows 3 tokens apart: the mask pads
     if not verifier.packs:
         raise SystemExit("this model and device do not pack rows (packing needs our attention, on a CPU)")
-    for r in range(rows):
-        verifier.add(r, list(range(100 + r, 100 + r + context - 3 * r)))  # rows 3 tokens apart: the mask pads
 
     def forward(trees: list[DraftTree], way: str) -> tuple[float, torch.Tensor]:
         verifier.packs = way != "padded"
