@@ -45,7 +45,8 @@ from .kv import new_cache
 from .sizing import Choice, SizingPolicy
 from .verify import Verifier
 
-# Padded KV cache of a batch, in tokens (rows x longest row): ~0.75 GB for SmolLM2-135M in fp32.
+# Padded KV cache of a batch, in tokens (rows x longest row): ~0.75 GB for SmolLM2-135M in fp32. Its buffers hold up
+# to a quarter more positions and row slots (kv.py: room for the coming forwards and joins).
 MAX_CACHE_TOKENS = 16384
 PREFILL_MIN = 16  # a joining prompt always advances by at least this many tokens per step
 
