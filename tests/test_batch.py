@@ -108,6 +108,38 @@ def test_rows_leave_and_join_in_place_through_spare_slots(arch):
     check_step(model, verifier, history, 3)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_joins_and_leaves_keep_every_rows_logits(seed, monkeypatch):
+    """Rows leaving from anywhere (the tail too, several at once) and joining longer or shorter than the batch,
+    with spare slots or none and little room (so buffers are also replaced): every node's logits stay sequential
+    decoding's."""
+    from lookahead.decoding import kv
+    monkeypatch.setattr(kv, "ROOM", 3)  # little room: joins and forwards often need new buffers
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_model("llama")
+    verifier = Verifier(model)
+    history, next_key = {}, 0
+
+    def join() -> None:
+        nonlocal next_key
+        prompt = torch.randint(3, 90, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
+        verifier.add(next_key, prompt[:-1])
+        history[next_key] = prompt
+        next_key += 1
+
+    for _ in range(3):
+        join()
+    for step in range(14):
+        check_step(model, verifier, history, step)
+        leaving = [k for k in verifier.keys if torch.rand(1, generator=gen) < 0.3]
+        verifier.remove(leaving)
+        for _ in range(int(torch.randint(0, 3, (1,), generator=gen))):
+            join()
+        if not len(verifier):
+            join()
+    assert next_key >= 8  # rows did come and go
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["padded-attention", "each-tree-apart"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_packed_rows_give_the_logits_sequential_decoding_gives(arch, split, monkeypatch):
