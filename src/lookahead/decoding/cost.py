@@ -100,7 +100,6 @@ class CostModel:
         if seconds <= 0 or total < 1:
             return
         if rows > 1:
-            plain = self(rows, rows)
             if total <= rows:
                 self.plain_batches += 1
                 weight = max(self.smoothing, 1.0 / self.plain_batches)
@@ -110,7 +109,7 @@ class CostModel:
                 weight = max(self.smoothing, 1.0 / self.drafted_batches)
                 extra = self._curve(total) - self._curve(rows)
                 if extra > 0:  # bounded: one odd forward must not make drafting free or forbidden
-                    ratio = min(max((seconds - plain) / extra, 0.5), 4.0)
+                    ratio = min(max((seconds - self(rows, rows)) / extra, 0.5), 4.0)
                     self.marginal += weight * (ratio - self.marginal)
             return
         i = min(range(len(self.tokens)), key=lambda j: abs(math.log(self.tokens[j] / total)))

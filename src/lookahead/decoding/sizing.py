@@ -252,7 +252,7 @@ class SizingPolicy:
             # accepted token on a steep curve, a batch: most rows'): a batch's probe where one row in eight
             # accepts a token would otherwise come back every PROBE_EVERY steps, each a loss.
             tokens = rows * (1 + choice.nodes) if tokens is None else tokens
-            paid = (rows + accepted_draft) / max(rows, 1) >= self.cost(tokens, rows) / self.cost(rows, rows)
+            paid = (rows + accepted_draft) / max(rows, 1) >= over_plain(self.cost, tokens, rows)
             self.probe_every = PROBE_EVERY if paid else min(2 * self.probe_every, PROBE_MAX)
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
@@ -283,12 +283,16 @@ def forced_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0, packed: b
     request (at least one). Padded, every row pays for the largest cut, so a fixed probe is not small in a batch:
     measured, 4 nodes a row made an 8-row step cost 2.6x its plain step (Zen 3, fp32), for half a token a row."""
     largest = max(len(t) for t in trees) - 1
-    rows, limit = len(trees), cost(1 + PROBE_NODES) / cost(1)
+    rows, limit = len(trees), over_plain(cost, 1 + PROBE_NODES, 1)
     n = 1
-    while n < min(PROBE_NODES, largest) and \
-            cost(step_tokens(trees, n + 1, packed) + tail, rows) / cost(rows + tail, rows) <= limit:
+    while n < min(PROBE_NODES, largest) and over_plain(cost, step_tokens(trees, n + 1, packed), rows, tail) <= limit:
         n += 1
     return n
+
+
+def over_plain(cost: CostModel, tokens: int, rows: int, tail: int = 0) -> float:
+    """A forward over `tokens` query tokens in `rows` rows (and `tail`), in plain steps of those rows (on the curve)."""
+    return cost(tokens + tail, rows) / cost(rows + tail, rows)
 
 
 def step_tokens(trees: list[DraftTree], nodes: int, packed: bool = False) -> int:

@@ -19,9 +19,9 @@ most `prefill_chunk` tokens and, while other rows run, costing about their own s
 prefilling requests per running row (read off the cost curve): one long prompt delays the running rows by
 about one step's time per step, not by its whole prefill; the shortest waiting prompt goes first.
 In a static batch (nothing waits to take a finished row's place: `run` sets `Decoder.static`), the batch ends when
-its furthest-behind rows do: the cut is judged by the least they expect, and the sizing policy's guard credits each
-step with their progress for every row. Where the verifier packs rows (a forward costs its real tokens, verify.py),
-only those rows draft there, and in a running batch each row is cut on its own.
+its furthest-behind rows do: the cut is judged by the least they expect, and the sizing policy's guard credits
+each step, for every row, with how much closer that end came. Where the verifier packs rows (a forward costs its
+real tokens, verify.py), only those rows draft there, and in a running batch each row is cut on its own.
 `max_cache_tokens` bounds the batch's KV cache, which is padded to its longest row: a request joins only
 while rows x the longest row's final length stays within it (a request alone always runs).
 A failure in one row (its prefill, its accept rule) ends that row with `request.error` set and

@@ -144,11 +144,11 @@ class Verifier(ModelBound):
             self.cache, self.length = new_cache(), 0
             return
         self.length = max(self.past)
+        index = torch.tensor(order, device=self.device)
         for layer in self.cache.layers:
             if isinstance(layer, AppendLayer):
                 layer.keep_rows(order, self.length)
             else:
-                index = torch.tensor(order, device=self.device)
                 layer.keys = layer.keys.index_select(0, index)[:, :, : self.length]
                 layer.values = layer.values.index_select(0, index)[:, :, : self.length]
 
