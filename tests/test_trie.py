@@ -155,16 +155,30 @@ def test_a_safetensors_file_of_another_kind_is_refused(tmp_path):
         DraftState.load(path)
 
 
-def test_a_request_scope_is_counted_when_first_read_as_if_fed_all_along():
-    """A request that never drafts does not pay for counting its prompt; one that drafts later reads the same counts
-    as if its prompt and every accepted token had been fed as they came."""
-    from lookahead.drafting.trie import _flatten
-    prompt, steps = [1, 2, 3, 1, 2, 4, 5], [[1, 2], [3], [1, 2, 4, 6]]
-    eager, lazy = TokenTrie(max_match=2, window=4).session(prompt), TokenTrie(max_match=2, window=4).session(prompt)
-    eager.cursors([1])  # read at once: counted from the start
-    for tokens in steps:
-        eager.observe(tokens)
-        lazy.observe(tokens)
-    assert lazy._request is None  # nothing read yet: the prompt not counted
-    assert _flatten(lazy.request.root) == _flatten(eager.request.root)
-    assert lazy.request.size == eager.request.size
+def test_a_request_scope_reads_the_counts_a_trie_of_its_windows_holds():
+    """The request scope keeps positions, not nodes: on random streams fed in pieces, every tree it drafts (tokens,
+    shape, probabilities) equals the one a trie counting the same windows drafts, from every context tried."""
+    import random
+
+    from lookahead.drafting.trie import NodeCursor, _Scope, _Text
+    rng = random.Random(0)
+    for trial in range(200):
+        window = rng.randint(2, 7)
+        max_match = rng.randint(1, window - 1)
+        text, scope = _Text(window), _Scope()
+        feeder = _Feeder(scope, window)
+        stream = [rng.randrange(4 if trial % 2 else 12) for _ in range(rng.randint(0, 60))]
+        cut = rng.randint(0, len(stream))
+        for piece in (stream[:cut], stream[cut:]):
+            text.feed(piece)
+            feeder.feed(piece)
+        for _ in range(10):
+            context = rng.choice([stream, stream[:rng.randint(1, len(stream) or 1)],
+                                  [rng.randrange(12) for _ in range(rng.randint(1, 5))]])
+            if not context:
+                continue
+            node = scope.match(context, max_match)
+            expected = build_tree(context[-1], {"p": ((lambda p: p), node and NodeCursor(node))}, Budget(40, 10))
+            got = build_tree(context[-1], {"p": ((lambda p: p), text.match(context, max_match))}, Budget(40, 10))
+            assert (got.tree.tokens, got.tree.parents) == (expected.tree.tokens, expected.tree.parents)
+            assert got.scores == pytest.approx(expected.scores, rel=1e-12)
