@@ -21,7 +21,7 @@ from .decoding.attention import NAME as GROUPED
 from .decoding.attention import use_grouped
 from .decoding.cost import CostModel, drafting_rate, flat_span, load_cost, measure_cost
 from .decoding.invariant import is_invariant, make_invariant
-from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, unpack_linears
+from .decoding.kernels import EAGER, PACKED, can_pack, linear_kernels, pack_linears, stacked_linears, unpack_linears
 from .decoding.sampling import SamplingParams
 from .decoding.sizing import SizingPolicy
 from .decoding.step import MAX_CACHE_TOKENS, Decoder, run
@@ -353,6 +353,7 @@ def _fastest(candidates: list[tuple[torch.nn.Module, str]]) -> tuple[torch.nn.Mo
 def _cost_key(model: torch.nn.Module) -> str:
     """What a cached cost curve belongs to (with dtype, device and machine added by `cost_path`)."""
     linears = "-invariant" if is_invariant(model) else "-packed" if linear_kernels(model) == PACKED else ""
+    linears += "-stacked" if stacked_linears(model) else ""  # siblings in one matmul: a cheaper forward
     grouped = "-grouped" if model.config._attn_implementation == GROUPED else ""  # verify forwards cost less
     return f"{_model_id(model)}-{sum(p.numel() for p in model.parameters())}{linears}{grouped}"
 
