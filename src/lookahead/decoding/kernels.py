@@ -12,8 +12,8 @@ Sibling projections that read the same input (q/k/v, gate/up) are packed as one 
 matmul, as vLLM's merged linears do: fewer, larger calls, each column computed as before (bitwise equal logits
 on Zen 5). Measured there (`python bench/stacked_linears.py`, bf16, verify forwards over a 256-token cache,
 medians of 4 alternating curves): SmolLM2-135M 14.1 -> 12.5 ms at 1 query token, 1.08x at 13; Qwen2.5-Coder-0.5B
-23.9 -> 22.5 ms, 1.04x at 13 (its 0.99 GB of linear weights at this machine's ~48 GB/s take 20.6 ms: one-token
-forwards run at 92 % of the memory bound); Gemma-3-270M 16.4 -> 15.5 ms, 1.03x at 13.
+23.9 -> 22.5 ms, 1.04x at 13; Qwen2.5-Coder-1.5B 56.7 -> 53.8 ms, level from 13; Gemma-3-270M 16.4 -> 15.5 ms. The
+Qwen models' one-token forwards read their linear weights at 44-57 GB/s, this machine's memory bandwidth.
 """
 from __future__ import annotations
 
