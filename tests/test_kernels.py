@@ -79,3 +79,21 @@ def test_stacked_siblings_hold_no_activations_after_a_forward():
               if isinstance(m, torch.nn.Linear) and isinstance(getattr(m.forward, "func", None), kernels._Stacked)}
     assert len(groups) == 2 * model.config.num_hidden_layers
     assert all(group.cached is None for group in groups.values())
+
+
+def test_siblings_called_in_any_order_share_one_matmul(monkeypatch):
+    """An MLP that reads up before gate (or attention v before q) still runs one stacked matmul per input."""
+    model = tiny_model("llama")
+    if not can_pack(model):
+        pytest.skip("no oneDNN here")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 32)
+    expected = [torch.nn.functional.linear(x, m.weight) for m in (mlp.up_proj, mlp.gate_proj)]
+    pack_linears(model)
+    calls = _counting(monkeypatch)
+    with torch.inference_mode():
+        got = [mlp.up_proj(x), mlp.gate_proj(x)]
+    assert calls[0] == 1
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert mlp.gate_proj.forward.func.cached is None  # both served: nothing held

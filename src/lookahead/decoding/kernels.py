@@ -89,22 +89,25 @@ def _stackable(members: list) -> bool:
 
 class _Stacked:
     """One packed matmul for sibling linears that read the same input. The first sibling called with an input
-    computes all their columns; the others, given that same tensor, take theirs (a view), else recompute. The
-    last sibling drops the result: kept, it would hold a layer's activations until the next forward."""
+    computes all their columns; the others, given that same tensor, take theirs (a view), else recompute. Once
+    every sibling has taken its columns the result is dropped: kept, it would hold a layer's activations."""
 
     def __init__(self, members: list[torch.nn.Linear]) -> None:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in members]), None)
         self.bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
         ends = list(itertools.accumulate(m.out_features for m in members))
         self.columns = list(zip([0, *ends[:-1]], ends, strict=True))
-        self.last = len(members) - 1
-        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output): one tuple, swapped whole
+        self.everyone = (1 << len(members)) - 1
+        # (input, output, bitmask of the siblings served): one tuple, swapped whole, so a thread never reads
+        # another's output for its input
+        self.cached: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cached = self.cached
         if cached is None or cached[0] is not x:
-            cached = (x, _packed(self.weight, self.bias, self.columns[-1][1], x))
-        self.cached = None if i == self.last else cached
+            cached = (x, _packed(self.weight, self.bias, self.columns[-1][1], x), 0)
+        served = cached[2] | 1 << i
+        self.cached = None if served == self.everyone else (cached[0], cached[1], served)
         start, end = self.columns[i]
         return cached[1][..., start:end]
 
