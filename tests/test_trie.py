@@ -182,3 +182,13 @@ def test_a_request_scope_reads_the_counts_a_trie_of_its_windows_holds():
             got = build_tree(context[-1], {"p": ((lambda p: p), text.match(context, max_match))}, Budget(40, 10))
             assert (got.tree.tokens, got.tree.parents) == (expected.tree.tokens, expected.tree.parents)
             assert got.scores == pytest.approx(expected.scores, rel=1e-12)
+
+
+def test_a_request_scope_reads_only_a_pairs_latest_occurrences():
+    """A text that repeats itself thousands of times costs a proposal what RECENT occurrences do, not all of them,
+    and still drafts the repetition."""
+    from lookahead.drafting.trie import RECENT
+    session = TokenTrie(max_match=4, window=16).session([5, 6, 7] * 3000)
+    cursor = session.cursors([5, 6, 7] * 2)["prompt"]
+    assert cursor.depth == 4 and 0 < len(cursor.ends) <= RECENT
+    assert propose(session, [5, 6, 7], Budget(6, 6)).tokens[1:] == [5, 6, 7, 5, 6, 7]
