@@ -64,8 +64,9 @@ class AppendLayer(DynamicLayer):
         """Buffers of at least `rows` slots whose first n positions are the cached keys, with room up to `end` (a new
         pair if need be, with as many slots as the old one)."""
         keys, values, buffers = self.keys, self.values, self.buffers
-        if not self._viewed() or end > buffers[0].shape[-2]:
-            count = max(rows, buffers[0].shape[0]) if self._viewed() else rows
+        viewed = self._viewed()
+        if not viewed or end > buffers[0].shape[-2]:
+            count = max(rows, buffers[0].shape[0]) if viewed else rows
             buffers = tuple(s.new_zeros(count, s.shape[1], capacity(end), s.shape[-1])
                             for s in (key_states, value_states))
             if n:
