@@ -360,3 +360,81 @@ def test_ngram_index_tells_how_long_the_output_has_been_copying():
     assert index.copy_run == 0 and not index.copying
     index.extend([13])                                  # lines up again after a substitution
     assert index.copy_run == MIN_RUN and index.copying
+
+
+def drafted_chain(index: NgramIndex, depth: int) -> list[int]:
+    """The chain a cursor drafts, taking its likeliest token at every depth."""
+    chain, cursor = [], index.cursor()
+    while cursor is not None and len(chain) < depth:
+        token = cursor.next(1)[0][0]
+        chain.append(token)
+        cursor = cursor.child(token)
+    return chain
+
+
+def test_an_edit_the_output_made_twice_is_drafted_wherever_the_copy_meets_its_source_tokens():
+    """A list rewritten with another separator (`,` -> ` |`): the output replaces source token 1 by 2. Seen once it
+    could be chance; seen twice it is drafted, and the copy pointer follows the edited copy without breaking."""
+    source = [20, 21, 22, 23, 1, 7, 8, 1, 9, 10, 1, 11, 12, 1, 13, 14, 1, 15, 16]
+    index = NgramIndex(max_ngram=3)
+    index.extend(source + [90], output=False)
+    index.extend([20, 21, 22, 23, 2, 7, 8])         # a trusted copy, the edit (1 -> 2), lined up again
+    assert index.copying
+    assert drafted_chain(index, 3) == [1, 9, 10]    # seen once: the source's reading still
+    index.extend([2, 9, 10])                        # made again: followed, not a break
+    from lookahead.drafting.ngram import MIN_RUN
+    assert index.copy_run == MIN_RUN + 4            # lined up again at 7, then 8, 2, 9, 10
+    options = dict(index.cursor().next(4))
+    assert options[2] == options[1] > 0             # seen twice: both readings offered, as likely
+    index.extend([2, 11, 12])
+    assert drafted_chain(index, 6) == [2, 13, 14, 2, 15, 16]
+    options = dict(index.cursor().next(4))
+    assert options[2] > options[1] > 0              # thrice: the edit's first
+
+
+def test_an_insertion_after_a_source_token_is_learned_as_an_edit_of_that_token():
+    """A rename that appends to a name (`has_close_elements` -> `has_close_elements_v2`): 50 inserted after 31.
+    Where 31 comes again in the copy, the draft offers both: 31 then 50 (the edit), 31 then 40 (the source)."""
+    source = [20, 21, 22, 23, 31, 40, 41, 42, 43, 31, 40, 44, 45, 46, 31, 40, 47]
+    index = NgramIndex(max_ngram=3)
+    index.extend(source + [90], output=False)
+    index.extend([20, 21, 22, 23, 31, 50, 40, 41, 42, 43, 31, 50, 40])   # made twice
+    assert index.copying
+    assert drafted_chain(index, 5) == [44, 45, 46, 31, 50]
+    cursor = index.cursor()
+    for token in [44, 45, 46, 31]:
+        cursor = cursor.child(token)
+    assert {t for t, _ in cursor.next(4)} == {50, 40}
+
+
+def test_edits_are_learned_from_the_output_only_and_one_made_once_is_not_drafted():
+    """A prompt's lines alike but not equal (log lines, numbered items) are no edits; nor is a chance
+    substitution the output made once (another line's digit): the source's reading alone is drafted."""
+    lines = [20, 21, 22, 23, 5, 24, 25, 90, 20, 21, 22, 23, 6, 24, 25, 91]
+    prompt = NgramIndex(max_ngram=3)
+    prompt.extend(lines, output=False)
+    assert not prompt.edits
+    index = NgramIndex(max_ngram=3)
+    index.extend([30, 31, 32, 33, 5, 34, 35, 36, 5, 37, 38, 90], output=False)
+    index.extend([30, 31, 32, 33, 6, 34, 35, 36])   # 5 written as 6 once
+    assert (5,) in index.edits and drafted_chain(index, 3) == [5, 37, 38]
+
+
+def test_a_two_token_edit_is_learned_where_the_output_lines_up_two_source_tokens_on_not_trusted_at_once():
+    """A table's row break: the source's `\\n -` (3 4) written as ` |\\n |` (5 6), its `,` (1) as ` |` (2). Lining
+    up two tokens on may be chance, so the copy pointer follows from there untrusted (no copy chain drafted) until
+    it has held MIN_RUN tokens; the edit is learned, and once made twice the pointer copies through both, row on
+    row, and drafts them."""
+    from lookahead.drafting.ngram import COPY_P, MIN_RUN
+    rows = [[7, 8], [9, 10], [11, 12], [13, 14], [15, 16], [17, 18]]
+    source = [20, 21, 22, 23] + [t for a, b in rows for t in (a, 1, b, 3, 4)]  # "a , b \\n -" per row
+    index = NgramIndex(max_ngram=3)
+    index.extend(source + [90], output=False)
+    index.extend([20, 21, 22, 23, 7, 2, 8, 5, 6, 9])  # 1 -> 2 (lined up one on), 3 4 -> 5 6 (two on)
+    assert (3, 4) in index.edits and 0 < index.copy_run < MIN_RUN and not index.copying
+    assert dict(index.cursor().next(4))[1] < COPY_P     # only the suffix lookup's `9 -> 1`, no copy chain yet
+    index.extend([2, 10, 5, 6, 11, 2, 12, 5, 6, 13])  # both edits made again: followed, never broken
+    assert index.copying and index.copy_run == 11
+    assert drafted_chain(index, 2) == [2, 14]
+    options = dict(index.cursor().child(2).child(14).next(4))
+    assert set(options) == {5, 3} and options[5] >= options[3]  # the edit (seen twice) beside the source's

@@ -28,7 +28,7 @@ class Drafter:
         self.session = state.trie.session(prompt) if {"prompt", "history"} & set(state.sources) else None
         self.ngram = NgramIndex() if "ngram" in state.sources else None
         if self.ngram:
-            self.ngram.extend(prompt)
+            self.ngram.extend(prompt, output=False)
         self.last: ScoredTree | None = None
         self.stats = {name: SourceStats() for name in state.sources}  # this request's share of state.stats
 

@@ -11,7 +11,15 @@ itself, as an editor reads a diff:
   the source resumes right where it stopped (an insertion) or one token later (a substitution), so
   both are proposed until the output lines up with one of them again (measured on code edits: after
   `has_close_elements_v2` the latest-suffix lookup proposed the instruction's text, 0 of 12 accepted,
-  where the source's `(numbers: List[float], ...` was next).
+  where the source's `(numbers: List[float], ...` was next);
+- *edits learned*: where the output lines up again, at most two source tokens on, what it wrote in between
+  replaced the source tokens it skipped (`,` written ` |` in a list rewritten as a table, a renamed parameter)
+  or followed the source token before it (`_v2` after `has_close_elements`), and an edit made once is usually
+  made again. Once seen twice an edit is offered wherever a chain walks over its source tokens, beside the
+  source's own reading, and the copy pointer follows either reading (a few places at once, dropping those
+  the output leaves), so a copy goes on across the edits it has seen: a table's rows after the first ones,
+  every later use of a new name. (Lining up two tokens on can be chance: the pointer then follows untrusted
+  until it has held `MIN_RUN` tokens.)
 
 Each draft is a chain that may run as deep as the budget allows. A suffix lookup's chain carries its
 n-gram's confidence at every token; a copy or resume chain carries its kind's confidence at its first
@@ -25,6 +33,30 @@ from __future__ import annotations
 MIN_RUN = 4        # tokens copied in a row before a copy pointer is trusted
 RESUME_WITHIN = 8  # tokens after an edit for which its resume points stay proposed
 COPY_P, RESUME_P, SUBSTITUTE_P, FOLLOW = 0.9, 0.35, 0.25, 0.9
+LEARN_WITHIN = 4    # the most tokens written at an edit that are learned as one
+EDITS = 64          # learned edits kept per request (the latest)
+SKIPS = (0, 1, 2)   # source tokens an edit replaced, as far as the output is seen to line up again
+PLACES = 4          # places the copy pointer follows at once (readings with and without edits)
+
+
+class Edit:
+    """Source tokens (the key) the output wrote as `tokens`; how often it did (`hits`) and kept the source's
+    reading (`misses`) where the copy pointer passed them since."""
+    __slots__ = ("tokens", "hits", "misses")
+
+    def __init__(self, tokens: tuple[int, ...]) -> None:
+        self.tokens, self.hits, self.misses = tokens, 1, 0
+
+    @property
+    def p(self) -> float:
+        """Chance the output makes it again: 0 until seen twice (one sighting is often chance: a numbered list's
+        next number, a log line's other digits), then 1/2, 2/3, 3/4 ... with no miss."""
+        return (self.hits - 1) / (self.hits + self.misses)
+
+
+# Where a copy may go on: the position of its next source token, and the rest of an edit's tokens it is inside
+# (they come first; the edit, to count whether the output made it).
+Place = tuple[int, tuple[int, ...], "Edit | None"]
 
 
 class NgramIndex:
@@ -35,47 +67,107 @@ class NgramIndex:
         self.context: list[int] = []
         self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> position right after its latest occurrence
         self.pending: dict[tuple[int, ...], int] = {}  # the current suffixes: indexed one token late
-        self.copy: int | None = None   # context[copy] is the next token of the text being copied
-        self.run = 0                   # tokens copied in a row from there
+        self.places: list[Place] = []  # the copy pointer: where the copied text may go on, the source's reading first
+        self.run = 0                   # tokens copied in a row
         self.broken: int | None = None  # where a trusted copy stopped (the source's next token then)
         self.since_break = 0
+        self.edits: dict[tuple[int, ...], Edit] = {}  # source tokens -> what the output wrote instead
+        self.firsts: dict[int, list[tuple[int, ...]]] = {}  # first source token -> its edits' keys
 
-    def extend(self, tokens: list[int]) -> None:
+    def extend(self, tokens: list[int], output: bool = True) -> None:
+        """Append `tokens`; `output=False` for the prompt: edits are learned from the output only (a prompt's
+        lines, alike but not equal, are not edits)."""
         ctx = self.context
         for token in tokens:
-            self._follow(token)
+            self._follow(token, output)
             # The suffixes ending at the previous token now have a continuation: index them.
             self.latest.update(self.pending)
             ctx.append(token)
             end = len(ctx)
             self.pending = {tuple(ctx[end - n:]): end for n in range(1, min(self.max_ngram, end) + 1)}
-            if self.copy is None:  # start following the latest occurrence of the longest suffix
+            if not self.places:  # start following the latest occurrence of the longest suffix
                 pos = self.latest.get(tuple(ctx[-self.max_ngram:])) if end >= self.max_ngram else None
-                self.copy, self.run = (pos, self.max_ngram) if pos is not None else (None, 0)
+                if pos is not None:
+                    self.places, self.run = [(pos, (), None)], self.max_ngram
 
-    def _follow(self, token: int) -> None:
+    def _follow(self, token: int, learn: bool) -> None:
         """Move the copy pointer over `token` (appended next), noting where a trusted copy breaks off."""
         ctx = self.context
         if self.broken is not None:
             self.since_break += 1
-            for skip in (0, 1):  # the output lines up again after an insertion / a substitution
-                if self.broken + skip < len(ctx) and ctx[self.broken + skip] == token:
-                    self.copy, self.run, self.broken = self.broken + skip + 1, MIN_RUN, None
+            b = self.broken
+            for skip in SKIPS:  # the output lines up again after an insertion / a substitution
+                if b + skip < len(ctx) and ctx[b + skip] == token:
+                    if learn and self.since_break <= LEARN_WITHIN and b > 0:
+                        written = tuple(ctx[-self.since_break:])
+                        # What was written replaced the skipped source tokens, or (none skipped) followed the one
+                        # before them.
+                        key = tuple(ctx[b: b + skip]) if skip else (ctx[b - 1],)
+                        self._learn(key, written if skip else key + written)
+                    # Two tokens on, lining up may be chance (a digit of another line): followed, not yet trusted.
+                    self.places, self.run, self.broken = [(b + skip + 1, (), None)], MIN_RUN if skip < 2 else 1, None
                     return
             if self.since_break > RESUME_WITHIN:
                 self.broken = None
-        if self.copy is not None and ctx[self.copy] == token:
-            self.copy += 1
-            self.run += 1
+        if self.places:
+            moved = self._count(token)
+            if moved:
+                self.places = moved[:PLACES]
+                self.run += 1
+                return
+            if self.run >= MIN_RUN:
+                self.broken, self.since_break = self.places[0][0], 0
+        self.places, self.run = [], 0
+
+    def _count(self, token: int) -> list[Place]:
+        """The pointer's places after `token`; each edit passed counts as made (a hit) or not (a miss)."""
+        out = []
+        for pos, within, edit in self.places:
+            if within:
+                if within[0] == token:
+                    edit.hits += len(within) == 1
+                    out.append((pos, within[1:], edit if len(within) > 1 else None))
+                else:
+                    edit.misses += 1
+                continue
+            if pos < len(self.context) and self.context[pos] == token:
+                out.append((pos + 1, (), None))
+            for key, e in self.edits_at(pos):
+                if e.tokens[0] != token:
+                    e.misses += 1
+                elif len(e.tokens) == 1:
+                    e.hits += 1
+                    out.append((pos + len(key), (), None))
+                else:
+                    out.append((pos + len(key), e.tokens[1:], e))
+        return list(dict.fromkeys(out))
+
+    def _learn(self, key: tuple[int, ...], tokens: tuple[int, ...]) -> None:
+        edit = self.edits.get(key)
+        if edit is not None and edit.tokens == tokens:
+            edit.hits += 1
             return
-        if self.copy is not None and self.run >= MIN_RUN:
-            self.broken, self.since_break = self.copy, 0
-        self.copy, self.run = None, 0
+        if edit is None:
+            if len(self.edits) >= EDITS:  # forget the oldest
+                old = next(iter(self.edits))
+                del self.edits[old]
+                self.firsts[old[0]].remove(old)
+            self.firsts.setdefault(key[0], []).append(key)
+        self.edits[key] = Edit(tokens)
+
+    def edits_at(self, pos: int, least: float = -1.0) -> list[tuple[tuple[int, ...], Edit]]:
+        """Learned edits of the source tokens at `pos` (with p above `least`)."""
+        ctx = self.context
+        keys = self.firsts.get(ctx[pos]) if pos < len(ctx) else None
+        if not keys:
+            return []
+        return [(key, self.edits[key]) for key in keys
+                if self.edits[key].p > least and tuple(ctx[pos: pos + len(key)]) == key]
 
     @property
     def copy_run(self) -> int:
         """Tokens the output has copied in a row from one place of its context (0: not copying)."""
-        return self.run if self.copy is not None else 0
+        return self.run if self.places else 0
 
     @property
     def copying(self) -> bool:
@@ -91,47 +183,66 @@ class NgramIndex:
             # A copy that has held for r tokens goes on with probability (r + 1) / (r + 2) (the rule of
             # succession): a long copy's chain then outranks the tree's alternatives deep down.
             p = (self.run + 1) / (self.run + 2)
-            chains.append((self.copy, max(COPY_P, p), max(FOLLOW, p), False))
+            chains += [(pos, max(COPY_P, p), max(FOLLOW, p), False, within) for pos, within, _ in self.places]
         if self.broken is not None:
-            chains += [(self.broken, RESUME_P, FOLLOW, True), (self.broken + 1, SUBSTITUTE_P, FOLLOW, True)]
+            chains += [(self.broken, RESUME_P, FOLLOW, True, ()), (self.broken + 1, SUBSTITUTE_P, FOLLOW, True, ())]
         for n in range(min(self.max_ngram, len(ctx)), 0, -1):
             pos = self.latest.get(tuple(ctx[-n:]))
             if pos is not None:
-                chains.append((pos, self.confidence[n - 1], self.confidence[n - 1], False))
+                chains.append((pos, self.confidence[n - 1], self.confidence[n - 1], False, ()))
                 break
-        chains = [c for c in chains if c[0] < len(ctx)]
-        return ChainCursor(ctx, chains) if chains else None
+        chains = [c for c in chains if c[0] < len(ctx) or c[4]]
+        return ChainCursor(self, chains) if chains else None
 
 
-# (position of the chain's next token, its confidence, the confidence of the tokens after it, whether it
-# waits: a resume point stays where it is while the draft goes through an insertion it does not know)
-Chain = tuple[int, float, float, bool]
+# (position of the chain's next source token, its confidence, the confidence of the tokens after it, whether
+# it waits: a resume point stays where it is while the draft goes through an insertion it does not know, the
+# rest of an edit's tokens the chain is inside: they come before the source's)
+Chain = tuple[int, float, float, bool, tuple[int, ...]]
 
 
 class ChainCursor:
-    """One or more chains of the context; chains that agree on a token move on together."""
-    __slots__ = ("context", "chains")
+    """One or more chains of the context; chains that agree on a token move on together. Where a chain's source
+    tokens have an edit seen twice or more, it offers both readings, the edit's with its chance."""
+    __slots__ = ("index", "chains")
 
-    def __init__(self, context: list[int], chains: list[Chain]) -> None:
-        self.context, self.chains = context, chains
+    def __init__(self, index: NgramIndex, chains: list[Chain]) -> None:
+        self.index, self.chains = index, chains
 
     def next(self, limit: int) -> list[tuple[int, float]]:
-        best: dict[int, float] = {}
-        for pos, p, _, _ in self.chains:
-            if pos < len(self.context):
-                token = self.context[pos]
-                best[token] = max(best.get(token, 0.0), p)
+        ctx, best = self.index.context, {}
+        for pos, p, _, _, within in self.chains:
+            if within:
+                options = [(within[0], p)]
+            elif pos < len(ctx):
+                # An edit starting with the source's token (an insertion after it) parts from it one token later.
+                edits = [e for _, e in self.index.edits_at(pos, 0.0) if e.tokens[0] != ctx[pos]]
+                options = [(e.tokens[0], p * e.p) for e in edits]
+                options.append((ctx[pos], p * (1.0 - max((e.p for e in edits), default=0.0))))
+            else:
+                continue
+            for token, q in options:
+                best[token] = max(best.get(token, 0.0), q)
         return sorted(best.items(), key=lambda tp: -tp[1])[:max(limit, 0)]
 
     def child(self, token: int) -> ChainCursor | None:
-        ctx = self.context
-        merged: dict[int, Chain] = {}  # chains that met on the same position are one chain from here on
+        ctx = self.index.context
+        merged: dict[tuple, Chain] = {}  # chains that met on the same place are one chain from here on
         for chain in self.chains:
-            pos, p, follow, waits = chain
-            if pos < len(ctx) and ctx[pos] == token:
-                chain = (pos + 1, follow, follow, False)
-            elif not waits:
-                continue
-            if chain[1] > merged.get(chain[0], (0, 0.0))[1]:
-                merged[chain[0]] = chain
-        return ChainCursor(ctx, list(merged.values())) if merged else None
+            pos, p, follow, waits, within = chain
+            if within:
+                children = [(pos, follow, follow, False, within[1:])] if within[0] == token else []
+            else:
+                edits = [(key, e) for key, e in self.index.edits_at(pos, 0.0) if e.tokens[0] == token]
+                children = [(pos + len(key), follow * (e.p if e.tokens[0] == ctx[pos] else 1.0), follow, False,
+                             e.tokens[1:]) for key, e in edits]
+                if pos < len(ctx) and ctx[pos] == token:
+                    kept = 1.0 - max((e.p for _, e in edits), default=0.0)  # an insertion's share went above
+                    children.append((pos + 1, follow * kept, follow, False, ()))
+            if not children and waits:
+                children = [chain]
+            for child in children:
+                place = child[0], child[4]
+                if child[1] > merged.get(place, (0, 0.0))[1]:
+                    merged[place] = child
+        return ChainCursor(self.index, list(merged.values())) if merged else None
