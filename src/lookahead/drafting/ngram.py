@@ -237,7 +237,7 @@ class ChainCursor:
                 children = [(pos + len(key), follow * (e.p if e.tokens[0] == ctx[pos] else 1.0), follow, False,
                              e.tokens[1:]) for key, e in edits]
                 if pos < len(ctx) and ctx[pos] == token:
-                    kept = 1.0 - max((e.p for _, e in edits), default=0.0)  # an insertion's share went above
+                    kept = 1.0 - max((e.p for _, e in edits), default=0.0)  # the insertions here take their share
                     children.append((pos + 1, follow * kept, follow, False, ()))
             if not children and waits:
                 children = [chain]
