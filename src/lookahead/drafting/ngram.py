@@ -123,24 +123,34 @@ class NgramIndex:
         """The pointer's places after `token`; each edit passed counts as made (a hit) or not (a miss)."""
         out = []
         for pos, within, edit in self.places:
-            if within:
-                if within[0] == token:
+            moved = self.moves(pos, within, token)
+            if within:  # inside `edit`: made when its last token comes
+                if moved:
                     edit.hits += len(within) == 1
-                    out.append((pos, within[1:], edit if len(within) > 1 else None))
                 else:
                     edit.misses += 1
-                continue
-            if pos < len(self.context) and self.context[pos] == token:
-                out.append((pos + 1, (), None))
-            for key, e in self.edits_at(pos):
-                if e.tokens[0] != token:
-                    e.misses += 1
-                elif len(e.tokens) == 1:
-                    e.hits += 1
-                    out.append((pos + len(key), (), None))
-                else:
-                    out.append((pos + len(key), e.tokens[1:], e))
+                edits = [edit] * len(moved)
+            else:
+                taken = [e for _, _, e in moved]
+                for _, e in self.edits_at(pos):
+                    if all(e is not t for t in taken):
+                        e.misses += 1
+                    elif len(e.tokens) == 1:
+                        e.hits += 1
+                edits = taken
+            out += [(q, rest, e if rest else None) for (q, rest, _), e in zip(moved, edits, strict=True)]
         return list(dict.fromkeys(out))
+
+    def moves(self, pos: int, within: tuple[int, ...], token: int, least: float = -1.0
+              ) -> list[tuple[int, tuple[int, ...], Edit | None]]:
+        """Where a copy at source position `pos` (after the rest of an edit, `within`) goes on over `token`: the
+        source's own reading first, then each learned edit there (chance above `least`) that starts with `token`,
+        with that edit. The copy pointer and the drafted chains move by this one rule."""
+        if within:
+            return [(pos, within[1:], None)] if within[0] == token else []
+        ctx = self.context
+        out = [(pos + 1, (), None)] if pos < len(ctx) and ctx[pos] == token else []
+        return out + [(pos + len(key), e.tokens[1:], e) for key, e in self.edits_at(pos, least) if e.tokens[0] == token]
 
     def _learn(self, key: tuple[int, ...], tokens: tuple[int, ...]) -> None:
         edit = self.edits.get(key)
@@ -229,18 +239,15 @@ class ChainCursor:
         ctx = self.index.context
         merged: dict[tuple, Chain] = {}  # chains that met on the same place are one chain from here on
         for chain in self.chains:
-            pos, p, follow, waits, within = chain
-            if within:
-                children = [(pos, follow, follow, False, within[1:])] if within[0] == token else []
-            else:
-                edits = [(key, e) for key, e in self.index.edits_at(pos, 0.0) if e.tokens[0] == token]
-                children = [(pos + len(key), follow * (e.p if e.tokens[0] == ctx[pos] else 1.0), follow, False,
-                             e.tokens[1:]) for key, e in edits]
-                if pos < len(ctx) and ctx[pos] == token:
-                    kept = 1.0 - max((e.p for _, e in edits), default=0.0)  # the insertions here take their share
-                    children.append((pos + 1, follow * kept, follow, False, ()))
-            if not children and waits:
-                children = [chain]
+            pos, _, follow, waits, within = chain
+            moved = self.index.moves(pos, within, token, 0.0)
+            # An edit starting with the source's own token (an insertion after it) parts from the source's reading
+            # at the next token: the two share its chance there.
+            shared = not within and pos < len(ctx) and ctx[pos] == token
+            made = max((e.p for _, _, e in moved if e is not None), default=0.0)
+            # The edits' readings first: at an even chance, the draft offers the edit the output made last time.
+            children = [(q, follow * ((e.p if shared else 1.0) if e is not None else 1.0 - made), follow, False, rest)
+                        for q, rest, e in sorted(moved, key=lambda m: m[2] is None)] or ([chain] if waits else [])
             for child in children:
                 place = child[0], child[4]
                 if child[1] > merged.get(place, (0, 0.0))[1]:
