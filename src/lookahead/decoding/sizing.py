@@ -275,7 +275,8 @@ class SizingPolicy:
             for key in (self.batch_class(rows), POOLED):
                 self.speeds.setdefault((key, drafted), _Speed()).add(units, per_row)
             if self.trial and choice.nodes == 0:  # nothing was drafted to try: try again next step
-                self.off = self.off if self.trial_steps else self.trial_every
+                if not self.trial_steps:
+                    self.off = self.trial_every
             elif self.trial:
                 self.trial_steps += 1
                 self.trial_units += units
