@@ -298,18 +298,25 @@ def test_the_guard_turns_drafting_back_on_when_a_trial_wins():
     assert not policy.drafting_loses(1)
 
 
+def in_a_trial(drafted_s: float) -> SizingPolicy:
+    """A policy whose drafted steps took `drafted_s` for one token against plain steps' 10 ms (drafting off),
+    advanced to the guard's drafted trial."""
+    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+    for _ in range(4):
+        policy.observe(Choice(4, "sized"), 1, 1, 0, drafted_s)
+        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
+    assert policy.drafting_loses(1)
+    while not (policy.plan(1) is None and policy.trial):
+        pass
+    return policy
+
+
 def test_a_trial_is_judged_on_its_steps_together_where_drafts_land_now_and_then():
     """Chat-like text: a drafted step costs 1.2 plain ones and most emit one token, some several. A trial's
     first step emitting one token does not end it: its next step is drafted too and the two are judged
     together (1 then 3 tokens, 24 ms: 6 ms a token against plain's 10), so drafting comes back on; judged on
     its first step alone, the trial would have lost and the wait doubled."""
-    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
-    for _ in range(4):
-        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
-        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
-    assert policy.drafting_loses(1)
-    while not (policy.plan(1) is None and policy.trial):
-        pass
+    policy = in_a_trial(drafted_s=0.012)
     policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)    # the trial's first step: one token, slower alone
     assert policy.plan(1) is None and policy.trial           # the trial goes on
     policy.observe(Choice(4, "sized"), 1, 3, 2, 0.012)    # 4 tokens in 24 ms: 6 ms a token
@@ -321,12 +328,7 @@ def test_a_trial_whose_steps_cost_too_much_to_win_back_ends_after_one_step():
     """A drafted step that costs more than TRIAL_REACH plain steps' tokens (3x here) would need nearly every
     draft right to win: the trial ends at its first losing step and the wait doubles, as one-step trials did."""
     from lookahead.decoding.sizing import TRIAL_REACH
-    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
-    for _ in range(4):
-        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.030)
-        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
-    while not (policy.plan(1) is None and policy.trial):
-        pass
+    policy = in_a_trial(drafted_s=0.030)
     before = policy.trial_every
     assert 0.030 > TRIAL_REACH * 0.010
     policy.observe(Choice(4, "sized"), 1, 2, 1, 0.030)    # 15 ms a token: lost, and no run of drafts is near
@@ -338,13 +340,7 @@ def test_a_lucky_trial_in_a_losing_stretch_is_outvoted_by_the_next_drafted_steps
     """One winning trial turns drafting back on; it counts as one sample, so when the text is still
     unpredictable the drafted steps after it switch drafting off again within a few steps (5 here;
     counted as GUARD_MIN samples, the lucky trial kept drafting on for 11)."""
-    from lookahead.decoding.sizing import Choice
-    policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
-    for _ in range(4):
-        policy.observe(Choice(4, "sized"), 1, 1, 0, 0.012)
-        policy.observe(Choice(0, "plain"), 1, 1, 0, 0.010)
-    while not (policy.plan(1) is None and policy.trial):
-        pass
+    policy = in_a_trial(drafted_s=0.012)
     policy.observe(Choice(8, "sized"), 1, 4, 3, 0.012)     # lucky: 4 tokens in 12 ms
     assert not policy.drafting_loses(1)
     for _ in range(5):                                     # then chat again: 1 token per 12 ms
