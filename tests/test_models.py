@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from lookahead.decoding.attention import NAME as GROUPED
-from lookahead.models import load_model, locate, parse_dtype
+from lookahead.models import cast, load_model, locate, parse_dtype
 
 
 def test_unknown_source_names_what_is_accepted(tmp_path):
@@ -20,6 +20,21 @@ def test_dtype_names_are_checked():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(torch.float32) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("int3")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_a_model_cast_to_bf16_computes_as_one_loaded_in_bf16(tmp_path, arch):
+    """dtype="auto" casts the fp32 model it measured: RoPE frequencies must stay fp32 as a bf16 load keeps them, or
+    late positions turn by wrong angles (SmolLM2-135M: logits 0.25 apart at 641 tokens)."""
+    from transformers import AutoModelForCausalLM
+    tiny_model(arch).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    cast_ = cast(tiny_model(arch), torch.bfloat16)
+    assert next(cast_.parameters()).dtype == torch.bfloat16
+    assert {n: b.dtype for n, b in cast_.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    ids = torch.randint(0, 96, (1, 480), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(cast_(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.real_model

@@ -30,7 +30,7 @@ from .drafting.fusion import Budget
 from .drafting.recycle import RecycleTable
 from .drafting.state import SOURCES, DraftState
 from .drafting.trie import TokenTrie
-from .models import default_device, load_model
+from .models import cast, default_device, load_model
 from .request import GenerationOutput, Request
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -306,13 +306,13 @@ def _auto_choice(model: torch.nn.Module, device: str,
         # Both copies must fit beside each other to be measured; where they do not, bf16 is the one that fits.
         need, free = 6 * sum(p.numel() for p in model.parameters()), torch.cuda.mem_get_info(device)[0]
         if need > 0.8 * free:
-            return model.to(torch.bfloat16).to(device), (
+            return cast(model, torch.bfloat16).to(device), (
                 f"bfloat16 (not measured: fp32 weights and a bf16 copy take {need / 2**30:.1f} GiB, "
                 f"{free / 2**30:.1f} GiB of GPU memory is free)"), None
     model = model.to(device)
     candidates = [(model, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(model))]
     if bf16:
-        half = copy.deepcopy(model).to(torch.bfloat16)  # the fp32 weights stay exact
+        half = cast(copy.deepcopy(model), torch.bfloat16)  # the fp32 weights stay exact
         candidates += [(half, k) for k in (EAGER, PACKED) if only in (None, k) and (k == EAGER or can_pack(half))]
         del half
     if not candidates:

@@ -24,6 +24,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
+# Buffers transformers computes in fp32 whatever dtype a model is loaded in: RoPE frequencies (`inv_freq`,
+# `original_inv_freq`, Gemma-3's `sliding_attention_inv_freq`, ...). `model.to(bf16)` rounds them too (0.6978 ->
+# 0.6992 on SmolLM2-135M), and position p then turns by p times that error: 0.8 rad at p = 600, where a bf16 load
+# of the same weights turns right (measured: logits 0.25 apart at a 641-token prefix).
+FP32_BUFFERS = "inv_freq"  # name suffix
+
+
+def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, as loading the model in `dtype` gives it: RoPE frequencies stay fp32."""
+    kept = {name: buf for name, buf in model.named_buffers()
+            if name.endswith(FP32_BUFFERS) and buf.dtype == torch.float32}
+    model.to(dtype)
+    for name, buf in kept.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buf
+    return model
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

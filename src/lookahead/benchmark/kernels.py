@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..decoding.invariant import make_invariant
 from ..decoding.kernels import can_pack, pack_linears
 from ..decoding.verify import Verifier
+from ..models import cast
 from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
 from .cost import save_k_plot
@@ -31,7 +32,7 @@ from .stats import median
 def variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        base = copy.deepcopy(model).to(dtype)
+        base = cast(copy.deepcopy(model), dtype)
         name = str(dtype).removeprefix("torch.")
         out[f"{name} eager"] = base
         if can_pack(base):
