@@ -10,6 +10,7 @@ from conftest import VOCAB, tiny_model
 from lookahead import DraftTree
 from lookahead.decoding.invariant import make_invariant
 from lookahead.decoding.verify import Verifier
+from lookahead.models import cast
 
 PROMPT = [5, 17, 3, 40, 41, 42, 9, 9, 12, 60, 61, 7, 33, 2, 70]
 OTHER = [8, 1, 50, 51, 52, 53, 20, 21, 22, 90, 4]
@@ -30,7 +31,7 @@ def plain_logits(model, prompt: list[int], n: int) -> tuple[list[int], list[torc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_position_gets_the_same_logits_in_a_tree_a_batch_and_a_chunked_prefill(arch, dtype):
-    model = copy.deepcopy(tiny_model(arch, seed=3)).to(dtype)
+    model = cast(copy.deepcopy(tiny_model(arch, seed=3)), dtype)
     make_invariant(model)
     tokens, reference = plain_logits(model, PROMPT, 6)
     # The true path as one branch of a tree with wrong siblings at every depth, in a batch behind another

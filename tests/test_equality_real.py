@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy
+from lookahead.models import cast
 from real_prompts import prompts
 
 NEW_TOKENS = 40
@@ -64,7 +65,7 @@ def test_fast_kernel_divergences_are_near_ties(real_engine, dtype, linears, tie)
 
     from lookahead import Engine
     from lookahead.decoding.kernels import can_pack, pack_linears
-    model = copy.deepcopy(real_engine.model).to(dtype)
+    model = cast(copy.deepcopy(real_engine.model), dtype)
     if linears == "packed" and not can_pack(model):
         pytest.skip("no native oneDNN kernels for this dtype on this CPU")
     eos = model.generation_config.eos_token_id
@@ -79,7 +80,7 @@ def test_fast_kernel_divergences_are_near_ties(real_engine, dtype, linears, tie)
         new, steps = new + out.stats.new_tokens, steps + out.stats.steps
         if out.token_ids != reference:
             k = next(i for i, (a, b) in enumerate(zip(out.token_ids + [-1], reference + [-2], strict=False)) if a != b)
-            model_eager = copy.deepcopy(real_engine.model).to(dtype)
+            model_eager = cast(copy.deepcopy(real_engine.model), dtype)
             gap = top2_gap(model_eager, engine.encode(prompt) + reference[:k])
             assert gap <= tie, (prompt, k, gap)
     assert new / steps > 1.5, "drafts were hardly accepted: the test would not exercise verification"

@@ -290,14 +290,16 @@ class SizingPolicy:
                     # a lucky trial in a losing stretch is outvoted at once.
                     for key in (self.batch_class(rows), POOLED):
                         self.speeds[(key, True)] = _Speed(steps=1, seconds=per_token, tokens=1.0)
-                    self.trial_every, self.trial_steps = PROBE_EVERY, 0
+                    self._end_trial(PROBE_EVERY)
                 elif judged and self.trial_steps < TRIAL_STEPS and \
                         self.trial_units / self.trial_steps <= TRIAL_REACH * plain:
                     pass  # undecided: the trial's next step is drafted too
                 else:  # still losing: wait twice as long for the next trial
-                    self.trial_every, self.trial_steps = min(2 * self.trial_every, PROBE_MAX), 0
-                if not self.trial_steps:
-                    self.trial_units = self.trial_tokens = 0.0
+                    self._end_trial(min(2 * self.trial_every, PROBE_MAX))
+
+    def _end_trial(self, every: int) -> None:
+        """A trial was decided: the next comes `every` steps on, judged from scratch."""
+        self.trial_every, self.trial_steps, self.trial_units, self.trial_tokens = every, 0, 0.0, 0.0
 
 
 def forced_cut(trees: list[DraftTree], cost: CostModel, tail: int = 0, packed: bool = False) -> int:
