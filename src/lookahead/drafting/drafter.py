@@ -129,13 +129,11 @@ def _left_out(last: ScoredTree, verified: int, tokens: list[int]) -> tuple[list[
     and whether each would have been accepted: its path is the step's tokens (the accepted drafts, then the
     model's own next token). A node below one that matches the last token is not known."""
     tree, scores, outcomes = last.tree, [], []
-    known = [True] + [False] * (len(tree) - 1)   # the node's path is judged (accepted or not)
-    match = [True] + [False] * (len(tree) - 1)   # the node's path is the step's first tokens
+    match: list[bool | None] = [True] + [None] * (len(tree) - 1)  # the path is the step's first tokens (None: unknown)
     for j in range(1, len(tree)):
         p, d = tree.parents[j], tree.depths[j]
-        if not known[p] or (match[p] and d > len(tokens)):
+        if match[p] is None or (match[p] and d > len(tokens)):
             continue  # below what the step's tokens tell
-        known[j] = True
         match[j] = match[p] and tokens[d - 1] == tree.tokens[j]
         if j >= verified:
             scores.append(last.scores[j])
