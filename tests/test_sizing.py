@@ -510,6 +510,24 @@ def test_the_guards_plain_step_waits_while_a_row_is_copying():
         assert [i + 1 for i, p in enumerate(plans) if p is not None][0] == first, (copy_run, plans)
 
 
+def test_the_guards_plain_step_waits_while_drafts_land():
+    """A plain step right after a step whose drafts landed gives up the next chain (traced on a Qwen2.5-Coder-1.5B
+    edit: the cold guard's plain steps there made one answer take 15 steps instead of 10). It is taken at the first
+    step after one whose drafts missed, or at twice its period."""
+    from lookahead.decoding.sizing import PLAIN_EVERY_COLD
+    for emitted, first in (([1] * 8, PLAIN_EVERY_COLD), ([3] * 8, 2 * PLAIN_EVERY_COLD),
+                           ([3, 3, 3, 3, 3, 1, 3, 3], 7)):
+        policy = SizingPolicy(cost=CostModel([1, 2], [1.0, 1.0]))
+        plain_at = []
+        for step, tokens in enumerate(emitted, start=1):
+            choice = policy.plan(1) or Choice(4, "sized")
+            if choice.plain:
+                plain_at.append(step)
+                tokens = 1
+            policy.observe(choice, 1, tokens, tokens - 1, 1.0)
+        assert plain_at[:1] == [first], (emitted, plain_at)
+
+
 def test_the_guards_plain_steps_come_sooner_until_it_has_a_verdict():
     """A losing start (8 rows that do not copy) is judged after GUARD_MIN plain steps: they come every
     PLAIN_EVERY_COLD steps until then, every PLAIN_EVERY after."""

@@ -34,8 +34,10 @@ Two safeguards keep the promise "never slower than plain decoding" whatever the 
   trials verify at most as many nodes a row as cost a batch, over its plain step, what they cost a
   lone request (at least one: every row is padded to the largest cut). A request
   joining, or a row copying its context for COPY_TRIAL tokens in a row, calls a trial sooner. The
-  guard's own plain steps wait while a row is copying (up to twice their period): a plain step costs
-  the most there, and its time does not depend on the text, so the comparison stays fair.
+  guard's own plain steps wait while a row is copying or the last step's drafts landed (up to twice their
+  period): a plain step costs the most there (traced, a Qwen2.5-Coder-1.5B edit: the cold guard's plain steps
+  in a copy took one answer from 10 steps to 15), and its time does not depend on the text, so the comparison
+  stays fair.
 """
 from __future__ import annotations
 
@@ -126,6 +128,7 @@ class SizingPolicy:
     trial_units: float = 0.0
     trial_tokens: float = 0.0
     since_plain: int = 0            # steps since the guard's last plain step
+    landed: bool = False            # the last step was drafted and its drafts landed (2+ tokens a row)
     # (batch class or POOLED, drafted) -> time per emitted token, in plain steps of that batch size
     speeds: dict[tuple[int | None, bool], _Speed] = field(default_factory=dict)
     # A batch's cut picks the nodes that look likeliest across its rows, so its expected tokens run high
@@ -178,7 +181,7 @@ class SizingPolicy:
         adv = self.advantage(rows)
         every = PLAIN_EVERY_COLD if adv is None else PLAIN_EVERY_AHEAD if adv > AHEAD else PLAIN_EVERY
         self.since_plain += 1
-        if self.since_plain >= (2 * every if copy_run >= MIN_RUN else every):
+        if self.since_plain >= (2 * every if copy_run >= MIN_RUN or self.landed else every):
             self.since_plain = 0
             return Choice(0, "plain")
         if adv is None or adv >= 1:
@@ -270,6 +273,7 @@ class SizingPolicy:
             return  # probes are small by design: not what the guard judges
         if self.guard and seconds > 0 and rows:
             drafted = not choice.plain  # the drafting engine's steps, paid-off or not
+            self.landed = drafted and emitted >= 2 * rows  # a row's worth of drafts landed
             judged = self._judged(rows) if self.trial else None   # before this step is added
             units, per_row = seconds / self._unit(rows), emitted / rows
             for key in (self.batch_class(rows), POOLED):
