@@ -73,6 +73,23 @@ def test_live_forwards_correct_the_curve_and_heal_a_poisoned_cache(tmp_path):
     assert poisoned.ratio(8) == pytest.approx(4.0, rel=0.1)   # not stuck at the spell's level (was 20x)
 
 
+def test_engines_saving_one_cached_curve_at_once_do_not_collide(tmp_path):
+    """Two processes loading one model at once both measure and save its curve (measured: the second one's
+    rename found the first one's temporary file gone and the load failed with FileNotFoundError)."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "cost.json"
+    curves = [CostModel([1, 2], [0.01, 0.01 * (1 + i)], path=path) for i in range(4)]
+
+    def save_often(cost: CostModel) -> None:
+        for _ in range(300):
+            cost.save(path)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(save_often, curves))  # raises what a save raised
+    assert json.loads(path.read_text())["seconds"][0] == 0.01
+    assert [p.name for p in tmp_path.iterdir()] == ["cost.json"]  # no temporary file left behind
+
+
 def test_forwards_next_to_a_higher_neighbour_do_not_pull_a_point_down():
     """t(8) measured a little high, live forwards of 12 tokens (nearest point: 16) at 27 ms: t(16) settles at
     what they say. Scaled by the non-decreasing read (t(16) read as t(8)), every such forward pulled t(16)

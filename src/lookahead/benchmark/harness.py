@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from ..weights import cache_root
 from .methods import Context, MethodSpec, run_method
 from .stats import BASELINE, Record, first_difference
@@ -147,10 +148,7 @@ def load_warm_cache(path: Path) -> dict[str, dict]:
 
 
 def save_warm_cache(path: Path, answers: dict[str, dict], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "answers": answers}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"meta": meta, "answers": answers}))
 
 
 def self_answers(engine, items: Sequence[Item], max_new_tokens: int, cache: Path, meta: dict,

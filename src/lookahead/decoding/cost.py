@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from ..timing import interleaved, stopwatch
 from ..tree import DraftTree
 from ..weights import cache_root
@@ -129,10 +130,7 @@ class CostModel:
             self.save(self.path)  # the cached curve was off by more than 1.5x: heal it
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"tokens": self.tokens, "seconds": self.seconds}))
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"tokens": self.tokens, "seconds": self.seconds}))
         self._loaded, self.drift = list(self.seconds), 0.0
 
     def __repr__(self) -> str:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import atexit
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..files import write_atomic
 from .rows import Row, RowProposer
 
 if TYPE_CHECKING:
@@ -87,8 +87,4 @@ class LookaheadProposer:
         path = self.metrics_path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.core.prometheus())
-        os.replace(tmp, path)
+        write_atomic(path, self.core.prometheus())
