@@ -16,9 +16,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import replacing
 
 __all__ = [
     "ModelSpec",
@@ -200,13 +201,9 @@ def _verified(target: Path, spec: ModelSpec) -> bool:
 
 def _assemble(paths: list[Path], target: Path, spec: ModelSpec) -> None:
     """Concatenate parts into a temp file, hashing as we write; rename only if it checks out."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
-    # Temp file in the same directory so os.replace is an atomic rename, never a copy.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with replacing(target) as tmp:
+        with tmp.open("wb") as out:
             for path in paths:
                 with path.open("rb") as src:
                     while block := src.read(_BLOCK):
@@ -220,9 +217,4 @@ def _assemble(paths: list[Path], target: Path, spec: ModelSpec) -> None:
                 f"({spec.size} bytes), got {actual} ({size} bytes); "
                 f"reinstall with: {install_command(spec.name)} --force-reinstall"
             )
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache should read like any file
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     _sidecar(target).write_text(json.dumps({"sha256": actual, **_stamp(target)}))

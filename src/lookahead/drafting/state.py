@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import replacing
 from .calibration import Calibration
 from .recycle import RecycleTable
 from .trie import TokenTrie
@@ -86,16 +86,8 @@ class DraftState:
         settings = {"max_match": self.trie.max_match, "window": self.trie.window, "model": model, "vocab": vocab}
         meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "sha256": _digest(arrays),
                 "settings": json.dumps(settings)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with replacing(Path(path)) as tmp:
+            save_file(arrays, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, sources: tuple[str, ...] = SOURCES, capacity: int = 200_000,
