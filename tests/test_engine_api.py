@@ -62,6 +62,21 @@ def test_a_row_copying_its_context_drafts_as_deep_as_copy_depth():
     assert max(runs[4].stats.accepted) <= 5 < max(runs[10].stats.accepted) <= 11
 
 
+def test_a_long_copy_drafts_deeper_by_doubling_up_to_copy_depth():
+    """A copying row's caps double once it has copied a whole branch, and again after copying a whole branch at
+    that depth, up to copy_depth (with as many more nodes): by default 12 deep, 24 from 12 copied tokens, 48
+    from 36."""
+    model = tiny_model("llama")
+    default = Engine(model, IdTokenizer(), DraftConfig(max_nodes=12)).decoder()
+    assert {run: (default.caps_for(run).depth, default.caps_for(run).nodes) for run in (0, 11, 12, 35, 36, 500)} \
+        == {0: (12, 12), 11: (12, 12), 12: (24, 24), 35: (24, 24), 36: (48, 48), 500: (48, 48)}
+    small = Engine(model, IdTokenizer(), DraftConfig(max_nodes=4, max_depth=4, copy_depth=10)).decoder()
+    assert [(small.caps_for(run).depth, small.caps_for(run).nodes) for run in (3, 4, 11, 12)] \
+        == [(4, 4), (8, 8), (8, 8), (10, 10)]
+    level = Engine(model, IdTokenizer(), DraftConfig(max_nodes=4, max_depth=4, copy_depth=4)).decoder()
+    assert level.caps_for(100) == level.caps
+
+
 def test_the_node_cap_widens_only_where_the_measured_verify_cost_is_flat():
     """A GPU-like curve (four times the tokens for 1.05x the time) widens the default tree to 4 x 12 nodes; a
     CPU-like one keeps 12; a cap the user gives is kept either way."""

@@ -45,9 +45,10 @@ class DraftConfig:
     max_nodes: int | None = None  # draft nodes verified per step at most (root excluded); None: NODES, or up
     #                               to 4x that where the measured verify cost is flat (`Engine.max_nodes`)
     max_depth: int = 12       # longest branch
-    # A row that has copied its context for a whole branch (an edit, a quote) drafts up to this deep (and as
-    # many more nodes): its copy chain is still right where the caps cut it (README "Deeper while copying").
-    copy_depth: int = 24      # <= max_depth: no deeper while copying
+    # A row that has copied its context for a whole branch (an edit, a quote) drafts twice as deep (and as many
+    # more nodes), twice again after copying a whole branch at that depth, up to this: its copy chain is still
+    # right where the caps cut it (README "Deeper while copying").
+    copy_depth: int = 48      # <= max_depth: no deeper while copying
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
     # Fused into one tree: prompt, history (the tries), recycle, ngram. With measured sizing: 1.43x vs

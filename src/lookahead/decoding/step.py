@@ -82,7 +82,7 @@ class Decoder:
                  row_nodes: int | None = None) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
-        self.copy_caps = copy_caps or caps  # for a row that has copied its context for a whole branch
+        self.copy_caps = copy_caps or caps  # the most a row copying its context drafts (caps_for)
         # A node cap widened for a flat verify curve (Engine.max_nodes) is shared by a batch's rows, down to
         # `row_nodes` a row: building a tree costs CPU time per node, which the curve does not count, and wide
         # trees were measured for single requests only.
@@ -316,6 +316,19 @@ class Decoder:
             return total
         return len(live) * (max(room for room, _ in live) - max(room - n for room, n in live))
 
+    def caps_for(self, copy_run: int) -> Budget:
+        """The caps of a row that has copied `copy_run` tokens of its context in a row: twice as deep (and as many
+        more nodes) once it copied a whole branch, twice again each time it copied a whole branch at that depth,
+        up to the copy caps. Only after a long copy: a deeper tree there is a copy chain accepted whole, where
+        before it (SmolLM2 edits, whose copies part at renames) the extra depth cost what it saved."""
+        depth, reach = self.caps.depth, self.caps.depth
+        while copy_run >= reach and depth < self.copy_caps.depth:
+            depth = min(2 * depth, self.copy_caps.depth)
+            reach += depth
+        if depth == self.caps.depth:
+            return self.caps
+        return Budget(min(self.copy_caps.nodes, self.caps.nodes + depth - self.caps.depth), depth)
+
     def _draft(self, plan: Choice | None, only: set[int] | None = None, least: float = 0.0
                ) -> tuple[list[DraftTree], list[float]]:
         """One tree per row: the drafter's whole tree within the caps (and the row's room), else the root
@@ -331,7 +344,7 @@ class Decoder:
                     or (only is not None and i not in only):
                 trees.append(DraftTree.root_only(root))
             else:
-                caps = self.copy_caps if row.drafter.copy_run >= self.caps.depth else self.caps
+                caps = self.caps_for(row.drafter.copy_run)
                 nodes = caps.nodes - spare
                 nodes = nodes if request.max_draft is None else min(nodes, request.max_draft)
                 if plan is not None:  # a probe: a small tree
