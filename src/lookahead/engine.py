@@ -155,10 +155,8 @@ class Engine:
         `prefill_chunk`: most prompt tokens prefilled per step for rows joining a running batch (None:
         whole); `max_cache_tokens`: bound of the batch's padded KV cache (None: unbounded)."""
         cfg = self.draft_config
-        extra = max(0, cfg.copy_depth - cfg.max_depth)
         return Decoder(self.model, self.state, self.sizing, Budget(self.max_nodes, cfg.max_depth), self.cost,
-                       prefill_chunk, max_cache_tokens, copy_caps=Budget(self.max_nodes + extra, cfg.max_depth + extra),
-                       row_nodes=self.row_nodes)
+                       prefill_chunk, max_cache_tokens, copy_depth=cfg.copy_depth, row_nodes=self.row_nodes)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, stop: Sequence[str] | str | None = None,

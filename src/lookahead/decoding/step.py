@@ -78,11 +78,12 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, drafting: DraftState | None, sizing: SizingPolicy,
                  caps: Budget, cost: CostModel | None = None, prefill_chunk: int | None = None,
-                 max_cache_tokens: int | None = MAX_CACHE_TOKENS, copy_caps: Budget | None = None,
+                 max_cache_tokens: int | None = MAX_CACHE_TOKENS, copy_depth: int | None = None,
                  row_nodes: int | None = None) -> None:
         self.verifier = Verifier(model)
         self.drafting, self.sizing, self.caps, self.cost = drafting, sizing, caps, cost
-        self.copy_caps = copy_caps or caps  # the most a row copying its context drafts (caps_for)
+        # The deepest a row copying its context drafts (caps_for; None: no deeper than `caps`).
+        self.copy_depth = caps.depth if copy_depth is None else copy_depth
         # A node cap widened for a flat verify curve (Engine.max_nodes) is shared by a batch's rows, down to
         # `row_nodes` a row: building a tree costs CPU time per node, which the curve does not count, and wide
         # trees were measured for single requests only.
@@ -319,15 +320,15 @@ class Decoder:
     def caps_for(self, copy_run: int) -> Budget:
         """The caps of a row that has copied `copy_run` tokens of its context in a row: twice as deep (and as many
         more nodes) once it copied a whole branch, twice again each time it copied a whole branch at that depth,
-        up to the copy caps. Only after a long copy: a deeper tree there is a copy chain accepted whole, where
+        up to `copy_depth`. Only after a long copy: a deeper tree there is a copy chain accepted whole, where
         before it (SmolLM2 edits, whose copies part at renames) the extra depth cost what it saved."""
         depth, reach = self.caps.depth, self.caps.depth
-        while copy_run >= reach and depth < self.copy_caps.depth:
-            depth = min(2 * depth, self.copy_caps.depth)
+        while copy_run >= reach and depth < self.copy_depth:
+            depth = min(2 * depth, self.copy_depth)
             reach += depth
         if depth == self.caps.depth:
             return self.caps
-        return Budget(min(self.copy_caps.nodes, self.caps.nodes + depth - self.caps.depth), depth)
+        return Budget(self.caps.nodes + depth - self.caps.depth, depth)
 
     def _draft(self, plan: Choice | None, only: set[int] | None = None, least: float = 0.0
                ) -> tuple[list[DraftTree], list[float]]:
