@@ -7,6 +7,7 @@ from conftest import IdTokenizer, hf_greedy, tiny_model
 from lookahead import DraftConfig, Engine
 from lookahead.decoding.cost import CostModel
 from lookahead.decoding.sizing import SizingPolicy
+from lookahead.drafting.fusion import Budget
 
 PROMPT = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
 
@@ -64,11 +65,12 @@ def test_a_row_copying_its_context_drafts_as_deep_as_copy_depth():
 
 def test_a_long_copy_drafts_deeper_by_doubling_up_to_copy_depth():
     """A copying row's caps double once it has copied a whole branch, and again after copying a whole branch at
-    that depth, up to copy_depth (with as many more nodes): by default 12 deep, 24 from 12 copied tokens, 48
-    from 36."""
+    that depth, up to copy_depth (with as many more nodes): at copy_depth 48, 12 deep, 24 from 12 copied tokens,
+    48 from 36; by default 24 at most."""
     model = tiny_model("llama")
-    default = Engine(model, IdTokenizer(), DraftConfig(max_nodes=12)).decoder()
-    assert {run: (default.caps_for(run).depth, default.caps_for(run).nodes) for run in (0, 11, 12, 35, 36, 500)} \
+    assert Engine(model, IdTokenizer(), DraftConfig(max_nodes=12)).decoder().caps_for(500) == Budget(24, 24)
+    deep = Engine(model, IdTokenizer(), DraftConfig(max_nodes=12, copy_depth=48)).decoder()
+    assert {run: (deep.caps_for(run).depth, deep.caps_for(run).nodes) for run in (0, 11, 12, 35, 36, 500)} \
         == {0: (12, 12), 11: (12, 12), 12: (24, 24), 35: (24, 24), 36: (48, 48), 500: (48, 48)}
     small = Engine(model, IdTokenizer(), DraftConfig(max_nodes=4, max_depth=4, copy_depth=10)).decoder()
     assert [(small.caps_for(run).depth, small.caps_for(run).nodes) for run in (3, 4, 11, 12)] \

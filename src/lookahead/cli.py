@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draft nodes per step at most (default 12, up to 48 where verify cost is flat)")
     gen.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     gen.add_argument("--copy-depth", type=int, default=None,
-                     help="longest draft branch while the output copies its context (default 48; "
-                          "24 from 12 tokens copied in a row, 48 from 36)")
+                     help="longest draft branch while the output copies its context (default 24, from 12 "
+                          "tokens copied in a row; 48: twice that again from 36)")
     gen.add_argument("--sizing", choices=("measured", "fixed"), default=None,
                      help="draft tree size: chosen per step from the measured verify cost (default), or always max")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")

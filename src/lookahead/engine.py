@@ -48,7 +48,7 @@ class DraftConfig:
     # A row that has copied its context for a whole branch (an edit, a quote) drafts twice as deep (and as many
     # more nodes), twice again after copying a whole branch at that depth, up to this: its copy chain is still
     # right where the caps cut it (README "Deeper while copying").
-    copy_depth: int = 48      # <= max_depth: no deeper while copying
+    copy_depth: int = 24      # <= max_depth: no deeper while copying; 48: 48 deep from 36 copied tokens
     max_match: int = 4        # longest context suffix matched in the trie
     capacity: int = 200_000   # node cap of the shared (cross-request) trie
     # Fused into one tree: prompt, history (the tries), recycle, ngram. With measured sizing: 1.43x vs

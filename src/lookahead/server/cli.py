@@ -40,8 +40,8 @@ def add_parser(sub) -> None:
                        "batch; fixed: whole trees every step")
     serve.add_argument("--max-depth", type=int, default=None, help="longest draft branch")
     serve.add_argument("--copy-depth", type=int, default=None,
-                       help="longest draft branch while a row copies its context (default 48; "
-                            "24 from 12 tokens copied in a row, 48 from 36)")
+                       help="longest draft branch while a row copies its context (default 24, from 12 "
+                            "tokens copied in a row; 48: twice that again from 36)")
     serve.add_argument("--trie-capacity", type=int, default=None, help="node bound of the shared trie")
     serve.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     serve.add_argument("--temperature", type=float, default=0.0,
