@@ -192,3 +192,17 @@ def test_a_request_scope_reads_only_a_pairs_latest_occurrences():
     cursor = session.cursors([5, 6, 7] * 2)["prompt"]
     assert cursor.depth == 4 and 0 < len(cursor.ends) <= RECENT
     assert propose(session, [5, 6, 7], Budget(6, 6)).tokens[1:] == [5, 6, 7, 5, 6, 7]
+
+
+def test_what_other_requests_wrote_once_is_a_guess_not_a_certainty():
+    """The shared scope holds back one count for a continuation it has not seen (c / (n + 1)): a continuation of
+    `5 6` that one earlier output wrote is proposed at 1/2, at 2/3 once two did; this request's own text is read
+    as counted (its prompt's `5 6 7`: certain)."""
+    trie = TokenTrie(max_match=2, window=8)
+    trie.insert([5, 6, 7, 8])
+    assert trie.session([]).cursors([5, 6])["history"].next(2) == [(7, pytest.approx(1 / 2))]
+    trie.insert([5, 6, 7, 9])
+    history = trie.session([]).cursors([5, 6])["history"]
+    assert history.next(2) == [(7, pytest.approx(2 / 3))]
+    assert history.child(7).next(2) == [(8, pytest.approx(1 / 3)), (9, pytest.approx(1 / 3))]
+    assert trie.session([5, 6, 7]).cursors([5, 6])["prompt"].next(2) == [(7, 1.0)]

@@ -81,22 +81,28 @@ class _Feeder:
 
 
 class NodeCursor:
-    """A position in a scope, for the tree builder: continuations ranked by count."""
-    __slots__ = ("node",)
+    """A position in a scope, for the tree builder: continuations ranked by count.
 
-    def __init__(self, node: _Node) -> None:
-        self.node = node
+    `escape`: counts held back for a continuation the scope has not seen (PPM's escape method A: a token seen c
+    times of n is proposed at c / (n + 1)). The shared scope uses 1: what other requests wrote once after these
+    tokens is a guess for this one, not a certainty (measured: Qwen2.5-Coder-1.5B edits with the trie warmed on
+    eight other edits' answers took 49 steps at c / n, 43 at c / (n + 1), 41 cold)."""
+    __slots__ = ("node", "escape")
+
+    def __init__(self, node: _Node, escape: int = 0) -> None:
+        self.node, self.escape = node, escape
 
     def next(self, limit: int) -> list[tuple[int, float]]:
         node = self.node
         top = heapq.nlargest(limit, node.children.items(), key=lambda kv: kv[1].count)
-        return [(token, child.count / node.total) for token, child in top]
+        return [(token, child.count / (node.total + self.escape)) for token, child in top]
 
     def child(self, token: int) -> NodeCursor | None:
         child = self.node.children.get(token)
-        return NodeCursor(child) if child is not None and child.total else None
+        return NodeCursor(child, self.escape) if child is not None and child.total else None
 
 
+SHARED_ESCAPE = 1  # see NodeCursor
 RECENT = 64  # occurrences of a request's token pair (or token) a match reads, the latest
 
 
@@ -242,7 +248,7 @@ class TrieSession:
         """Root cursors of both scopes for the tree builder (call with `trie.lock` held)."""
         request = self.request.match(context, self.trie.max_match)
         shared = self.trie.shared.match(context, self.trie.max_match)
-        return {"prompt": request, "history": shared and NodeCursor(shared)}
+        return {"prompt": request, "history": shared and NodeCursor(shared, SHARED_ESCAPE)}
 
 
 def _decay(root: _Node) -> int:
