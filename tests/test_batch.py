@@ -360,7 +360,8 @@ def test_a_request_that_fails_alone_leaves_the_batch_running():
 def test_a_request_can_cap_or_turn_off_its_own_drafting():
     model = tiny_model("llama", seed=1)
     engine = Engine(model, IdTokenizer(), FIXED)
-    engine.generate(BASE, max_new_tokens=24)  # the shared trie learns the continuation: drafts will be long
+    for _ in range(2):  # the shared trie learns the continuation (twice: 2/3 a token, not 1/2): drafts will be long
+        engine.generate(BASE, max_new_tokens=24)
     capped, off, free = (engine.request(BASE, 24, max_draft=2), engine.request(BASE, 24, draft=False),
                          engine.request(BASE, 24))
     outs = engine.generate_batch([capped, off, free], progress=False)
